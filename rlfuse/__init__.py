@@ -1,0 +1,1 @@
+"""rlfuse: RL and preference fine-tuning of text-to-image diffusion models."""

@@ -1,0 +1,186 @@
+"""The command-line edge: check Hydra overrides before a run starts, and turn every mistake a user
+can make into one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+EXIT_USAGE = 2
+# Options of Hydra's own command line that print something and exit, or change no config value.
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
+               "--shell-completion", "-sc", "--version"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing weights, malformed file): one line, exit 2."""
+
+
+def fail(message: str) -> None:
+    print(f"rlfuse: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _describe_value(value: object) -> str:
+    return type(value).__name__
+
+
+def _type_mismatch(default: object, value: object) -> str | None:
+    """Why value cannot replace default, or None when it can (ints may stand for floats)."""
+    if default is None or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "a bool (true/false)"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a float"
+    if isinstance(default, str):
+        return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
+    return None
+
+
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
+
+
+def _explain_composition_error(override_text: str, error: Exception) -> str:
+    """Rewrite Hydra's multi-line composition errors as one actionable line."""
+    from hydra.errors import MissingConfigException
+
+    key = override_text.split("=", 1)[0].lstrip("+~")
+    if isinstance(error, MissingConfigException) or "Could not find" in str(error):
+        group = key.split("@", 1)[0]
+        if group in config_groups():
+            return f"{override_text}: no such choice for '{group}'; valid choices: {', '.join(group_choices(group))}"
+    if "Could not override" in str(error) or "Key" in str(error) and "not in struct" in str(error):
+        hint = "" if "." in key else f", or pick a group: {', '.join(config_groups())}"
+        return f"unknown config key '{key}'; check the spelling (`--cfg job` prints every key){hint}"
+    return f"{override_text}: {_first_line(error)}"
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> object:
+    """Compose the config as Hydra will, and check each override's key, choice and type.
+
+    Sweep overrides (a=1,2) are checked value by value. Returns the config composed with the
+    first value of each sweep. Raises UserError naming the override and what would be valid.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise UserError(f"cannot parse the command line: {_first_line(error)}") from None
+    parsed = [p for p in parsed if not p.key_or_group.startswith("hydra")]
+    first_values = [
+        f"{p.get_key_element()}={next(iter(p.sweep_string_iterator()))}" if p.is_sweep_override() else p.input_line
+        for p in parsed
+    ]
+    # Check every value of every sweep on top of the others' first values.
+    candidates = [list(first_values)]
+    for i, p in enumerate(parsed):
+        if p.is_sweep_override():
+            for value in list(p.sweep_string_iterator())[1:]:
+                candidates.append(first_values[:i] + [f"{p.get_key_element()}={value}"] + first_values[i + 1:])
+    composed = None
+    for candidate in candidates:
+        try:
+            cfg = _compose(config_name, candidate)
+        except (HydraException, OmegaConfBaseException) as error:
+            culprit, culprit_error = _find_culprit(config_name, candidate)
+            if culprit is None:
+                raise UserError(f"{' '.join(candidate)}: {_first_line(error)}") from None
+            raise UserError(_explain_composition_error(culprit, culprit_error)) from None
+        # Types: compare each value override against the default it replaces.
+        groups = set(config_groups())
+        group_overrides = [t for t, p in zip(candidate, parsed) if p.key_or_group.split("@")[0] in groups]
+        defaults = _compose(config_name, group_overrides)
+        for text, p in zip(candidate, parsed):
+            key = p.key_or_group
+            if key.split("@")[0] in groups or p.is_delete() or p.is_add():
+                continue
+            default = OmegaConf.select(defaults, key, default=None)
+            value = OmegaConf.select(cfg, key, default=None)
+            if OmegaConf.is_config(default) and not OmegaConf.is_config(value):
+                raise UserError(f"{text}: '{key}' is a section, not a value; set one of its keys, e.g. {key}.<name>=...")
+            expected = _type_mismatch(default, value)
+            if expected:
+                raise UserError(f"{text}: '{key}' must be {expected}, got {_describe_value(value)} {value!r}")
+        composed = composed if composed is not None else cfg
+    return composed
+
+
+def _find_culprit(config_name: str, overrides: list[str]) -> tuple[str | None, Exception | None]:
+    """The first override that alone fails to compose, and its error (so the message names it)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for text in overrides:
+        try:
+            _compose(config_name, [text])
+        except (HydraException, OmegaConfBaseException) as error:
+            return text, error
+    return None, None
+
+
+def process_rank() -> int:
+    """This process's global rank as set by accelerate / torchrun, before any of them is imported."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_hydra_app(
+    task: Callable[[object], object],
+    config_name: str,
+    extra_overrides: Callable[[object], list[str]] | None = None,
+) -> None:
+    """Check the command line, then hand it to Hydra (multirun, launchers, sweepers, --help).
+
+    extra_overrides(cfg) may add Hydra overrides derived from the composed config (e.g. the run
+    folder to resume in). Ranks other than 0 write no Hydra folder: rank 0 owns the run folder.
+    """
+    import hydra
+
+    args = sys.argv[1:]
+    if not any(a.split("=", 1)[0] in _INFO_FLAGS for a in args):
+        overrides = [a for a in args if not a.startswith("-")]
+        try:
+            cfg = check_overrides(config_name, overrides)
+            if extra_overrides is not None:
+                args += extra_overrides(cfg)
+        except UserError as error:
+            fail(str(error))
+        if process_rank() != 0:
+            args += [f"hydra.run.dir={tempfile.mkdtemp(prefix='rlfuse-rank')}", "hydra.output_subdir=null",
+                     "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
+
+    def guarded(cfg):
+        try:
+            return task(cfg)
+        except UserError as error:
+            fail(str(error))
+
+    sys.argv = [sys.argv[0]] + args
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(guarded)()

@@ -1,0 +1,184 @@
+"""Load a Stable Diffusion pipeline (hub id, local folder, or the tiny one built in code), make it
+trainable (LoRA through peft, or full fine-tuning), and export what was trained."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from rlfuse.cli import UserError
+
+# Attention projections: the LoRA targets of diffusers' text-to-image LoRA example and of DDPO.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# ----------------------------------------------------------------------------- the tiny pipeline
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level BPE alphabet: every byte maps to a printable unicode character.
+
+    Printable Latin-1 bytes map to themselves; the rest are shifted above 255 (Radford et al. 2019).
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def write_clip_tokenizer_files(folder: Path, num_merges: int, max_length: int) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json of a CLIP tokenizer.
+
+    The BPE merges come from the CLIP vocabulary that open_clip ships (the file OpenAI released);
+    with all 48894 merges the ids equal OpenAI CLIP's (49408 tokens). Fewer merges give a smaller,
+    consistent vocabulary: 512 byte tokens, then one token per merge, then the two special tokens.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise UserError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary: pip install open_clip_torch")
+    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]][:num_merges]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [char + "</w>" for char in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+
+
+def build_tiny_pipeline(seed: int = 0, num_merges: int = 2000, max_length: int = 16) -> StableDiffusionPipeline:
+    """A tiny randomly initialised Stable Diffusion pipeline (same classes as SD 1.5), from a seed.
+
+    32 px images, 16x16x4 latents, ~2 M parameters in all; builds in well under a second.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_tokenizer_files(Path(folder), num_merges, max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=16, sample_size=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    # Stable Diffusion 1.x schedule (scaled-linear betas 0.00085..0.012, offset 1, final alpha of step 0).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_pipeline(pretrained: str | None, revision: str | None = None, variant: str | None = None,
+                  tiny_seed: int = 0) -> StableDiffusionPipeline:
+    """The pipeline from a hub id or local folder, or the tiny one when pretrained is None.
+
+    The scheduler is replaced by a DDIMScheduler with the checkpoint's own configuration
+    (prediction type, beta schedule, timestep spacing), since the sampler's log-probs are DDIM's.
+    Raises UserError (one line, what to do) when the weights are neither local nor cached.
+    """
+    if pretrained is None:
+        pipeline = build_tiny_pipeline(seed=tiny_seed)
+    else:
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                pretrained, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError) as error:
+            where = "the folder does not hold a diffusers pipeline (model_index.json)" if os.path.isdir(pretrained) \
+                else "it is not a local folder and not in the Hugging Face cache"
+            raise UserError(
+                f"model.pretrained={pretrained!r}: cannot load ({where}); download it with "
+                f"`huggingface-cli download {pretrained}` or set model.pretrained to a local pipeline folder "
+                f"[{type(error).__name__}]"
+            ) from None
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: list[str]) -> None:
+    """Freeze the UNet and add trainable LoRA adapters (Hu et al. 2021) through peft.
+
+    The up-projection starts at zero, so the adapted UNet starts equal to the base one.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    try:
+        unet.add_adapter(config)
+    except ValueError as error:
+        raise UserError(f"model.lora.target_modules={list(target_modules)}: {error}") from None
+
+
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
+    """The reference policy with LoRA: the same network with its adapters switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_lora(unet: UNet2DConditionModel, folder: Path) -> None:
+    """Write the UNet's LoRA in the diffusers format: pipeline.load_lora_weights(folder) loads it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+def export_pipeline(pipeline: StableDiffusionPipeline, unet: UNet2DConditionModel, folder: Path) -> None:
+    """Write a full pipeline folder holding the fine-tuned UNet: from_pretrained(folder) loads it."""
+    original = pipeline.unet
+    pipeline.unet = unet
+    try:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipeline.unet = original

@@ -1,0 +1,227 @@
+"""The sampler as a policy: a DDIM step that also scores itself, guided noise prediction, rollouts.
+
+Reverse diffusion with DDIM at eta > 0 is a chain of Gaussian transitions
+p(x_{t-1} | x_t, c) = N(mean_theta(x_t, t, c), std_t^2 I), so every step has a tractable
+log-density (Black et al. 2023, arXiv 2305.13301, section 4.2). rlfuse uses one step function for
+sampling (draw x_{t-1}) and for training (score a recorded x_{t-1} with gradients), so the two can
+never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from rlfuse.trajectories import Trajectories
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (B,) or scalar tensor against `like` (B, ...)."""
+    values = values.to(device=like.device, dtype=like.dtype)
+    if values.ndim == 0:
+        return values
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under the step's Gaussian.
+
+    Follows DDIMScheduler.step (Song et al. 2021, eq. 12) with std_t = eta * sigma_t, where
+    sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) and a = alphas_cumprod; the last step
+    uses the scheduler's final_alpha_cumprod. Supports epsilon, v_prediction and sample outputs.
+
+    Args:
+        scheduler: a DDIMScheduler on which set_timesteps has been called.
+        model_output: (B, C, H, W) the (guided) network prediction at x_t.
+        timestep: the current timestep, an int, a 0-d tensor, or a (B,) tensor (one per sample).
+        sample: (B, C, H, W) x_t.
+        eta: noise scale; 0 is deterministic DDIM, 1 is DDPM-like.
+        prev_sample: (B, C, H, W) a recorded x_{t-1} to score instead of drawing a new one.
+        generator: torch generator(s) for the noise (one per sample, or one for the batch).
+
+    Returns:
+        prev_sample: (B, C, H, W) x_{t-1}, drawn or the one given.
+        log_prob: (B,) the Gaussian log-density of prev_sample, averaged over C, H, W (the
+            convention of the DDPO and D3PO reference code, which their hyperparameters assume).
+            prev_sample is detached inside the density, so gradients flow through the mean only.
+            Where the step is deterministic (std 0: eta = 0, or the final step of a scheduler with
+            set_alpha_to_one) the density is undefined and log_prob is 0, which gives no gradient.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.set_timesteps(num_steps) must be called before stepping")
+    config = scheduler.config
+    timestep = torch.as_tensor(timestep, device=sample.device).long()
+    step_size = config.num_train_timesteps // scheduler.num_inference_steps
+    prev_timestep = timestep - step_size
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float64)
+    alpha_prod_t = alphas_cumprod[timestep.clamp(0, len(alphas_cumprod) - 1)]
+    final_alpha = torch.as_tensor(float(scheduler.final_alpha_cumprod), dtype=torch.float64, device=sample.device)
+    alpha_prod_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev = eta * variance.clamp(min=0).sqrt()
+
+    # Cast the per-sample coefficients to the sample's dtype and shape once.
+    a_t, b_t = _per_sample(alpha_prod_t, sample), _per_sample(beta_prod_t, sample)
+    a_prev, std = _per_sample(alpha_prod_prev, sample), _per_sample(std_dev, sample)
+
+    if config.prediction_type == "epsilon":
+        pred_original = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
+        pred_epsilon = model_output
+    elif config.prediction_type == "v_prediction":
+        pred_original = a_t.sqrt() * sample - b_t.sqrt() * model_output
+        pred_epsilon = a_t.sqrt() * model_output + b_t.sqrt() * sample
+    elif config.prediction_type == "sample":
+        pred_original = model_output
+        pred_epsilon = (sample - a_t.sqrt() * pred_original) / b_t.sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type {config.prediction_type!r}")
+
+    if config.thresholding:
+        pred_original = scheduler._threshold_sample(pred_original)
+    elif config.clip_sample:
+        pred_original = pred_original.clamp(-config.clip_sample_range, config.clip_sample_range)
+
+    # Eq. 12 of the DDIM paper: the mean of x_{t-1}.
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * pred_epsilon
+    prev_mean = a_prev.sqrt() * pred_original + direction
+
+    if prev_sample is None:
+        noise = _randn_like(sample, generator)
+        prev_sample = prev_mean + std * noise
+
+    # Gaussian log-density, per element, then averaged over all non-batch dimensions.
+    deterministic = std == 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    log_density = (
+        -((prev_sample.detach() - prev_mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI
+    )
+    log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
+    log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample.type(sample.dtype), log_prob
+
+
+def _randn_like(sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like sample; per-sample generators keep each sample reproducible."""
+    if isinstance(generator, list):
+        return torch.stack(
+            [torch.randn(sample.shape[1:], generator=g, device=g.device, dtype=sample.dtype) for g in generator]
+        ).to(sample.device)
+    return torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
+
+
+def guided_noise_prediction(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guided prediction, with both branches in one batched forward.
+
+    Args:
+        latents: (B, C, H, W); timesteps: (B,) or scalar;
+        prompt_embeds, negative_embeds: (B, L, D) text-encoder states.
+    Returns:
+        (B, C, H, W) uncond + scale * (cond - uncond) (Ho & Salimans 2022).
+    """
+    if guidance_scale == 1.0:
+        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+    timesteps = torch.as_tensor(timesteps, device=latents.device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(latents.shape[0])
+    prediction = unet(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]),
+        encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
+    ).sample
+    uncond, cond = prediction.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(B, L, D) last hidden states of the text encoder, padded to the tokenizer's max length."""
+    tokens = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(tokens)[0]
+
+
+@torch.inference_mode()
+def sample_trajectories(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    initial_latents: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generators: list[torch.Generator],
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Roll out the sampler from initial noise, recording every transition.
+
+    Args:
+        prompt_embeds, negative_embeds: (B, L, D); initial_latents: (B, C, H, W) x_T (unscaled
+        standard normal; scaled here by scheduler.init_noise_sigma); generators: one per sample.
+    Returns:
+        latents: (B, T+1, C, H, W) x_T ... x_0; log_probs: (B, T); timesteps: (T,).
+    """
+    scheduler.set_timesteps(num_steps, device=initial_latents.device)
+    timesteps = scheduler.timesteps
+    latents = initial_latents * scheduler.init_noise_sigma
+    all_latents, all_log_probs = [latents], []
+    for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
+        model_input = scheduler.scale_model_input(latents, t)
+        noise_pred = guided_noise_prediction(unet, model_input, t, prompt_embeds, negative_embeds, guidance_scale)
+        latents, log_prob = ddim_step_with_logprob(
+            scheduler, noise_pred.to(latents.dtype), t, latents, eta=eta, generator=generators
+        )
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), timesteps
+
+
+def transition_log_prob(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    batch: Trajectories,
+    step_index: torch.Tensor,
+    guidance_scale: float,
+    eta: float,
+) -> torch.Tensor:
+    """(B,) log p_theta(x_{t-1} | x_t) of recorded transitions, with gradients through the network.
+
+    step_index: (B,) which recorded step of each trajectory to score.
+    """
+    rows = torch.arange(len(batch), device=step_index.device)
+    latents = batch.latents[rows, step_index]
+    next_latents = batch.next_latents[rows, step_index]
+    timesteps = batch.timesteps[rows, step_index]
+    model_input = scheduler.scale_model_input(latents, timesteps)
+    noise_pred = guided_noise_prediction(
+        unet, model_input, timesteps, batch.prompt_embeds, batch.negative_embeds, guidance_scale
+    )
+    _, log_prob = ddim_step_with_logprob(
+        scheduler, noise_pred.float(), timesteps, latents.float(), eta=eta, prev_sample=next_latents.float()
+    )
+    return log_prob

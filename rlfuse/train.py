@@ -1,0 +1,365 @@
+"""The training loop: sample, reward, advantages, loss, optimizer step; log, evaluate, checkpoint.
+
+    python -m rlfuse.train [group=choice ...] [key=value ...]
+    accelerate launch -m rlfuse.train hardware=multi_gpu ...
+
+This is the only module that reads the Hydra config; everything it calls takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from rlfuse.cli import UserError, run_hydra_app
+
+log = logging.getLogger("rlfuse")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from (seed, epoch, rank, purpose, ...): independent streams, no state."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def find_resume_folder(cfg: DictConfig) -> Path | None:
+    """The run folder that resume=<folder> or resume=auto points at (auto: None when none matches)."""
+    from rlfuse.checkpoint import list_checkpoints
+
+    if cfg.resume in (None, "auto"):
+        if cfg.resume is None:
+            return None
+        wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "resume"}
+        candidates = sorted(Path(cfg.run_root).glob("**/.hydra/config.yaml"), key=lambda p: p.stat().st_mtime)
+        for saved in reversed(candidates):
+            run_dir = saved.parent.parent
+            previous = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+            previous.pop("resume", None)
+            if previous == wanted and list_checkpoints(run_dir):
+                return run_dir
+        return None
+    folder = Path(cfg.resume)
+    check(folder.is_dir(), f"resume={cfg.resume!r}: no such run folder; give a folder under {cfg.run_root}/ or resume=auto")
+    check(bool(list_checkpoints(folder)), f"resume={cfg.resume!r}: the folder holds no checkpoint to resume from")
+    return folder
+
+
+def resume_overrides(cfg: DictConfig) -> list[str]:
+    """Make Hydra reuse the resumed run's folder instead of creating a new one."""
+    folder = find_resume_folder(cfg)
+    return [f"hydra.run.dir={folder.resolve()}"] if folder is not None else []
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1]."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: DictConfig) -> float:
+    """Run one training job; returns the last evaluation reward (the metric sweeps optimise)."""
+    import hydra.utils
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+    from hydra.core.hydra_config import HydraConfig
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import make_grid, save_image
+
+    from rlfuse import checkpoint, model as models
+    from rlfuse.prompts import draw_prompts, load_prompts
+    from rlfuse.sampling import encode_prompts, sample_trajectories, transition_log_prob
+    from rlfuse.trajectories import Trajectories
+
+    # ---- 1. Check the config values that composition cannot check.
+    sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
+    check(sample_cfg.num_steps >= 1, f"sample.num_steps={sample_cfg.num_steps}: must be >= 1")
+    check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+    check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
+          f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
+          f"{sample_cfg.images_per_prompt}")
+    samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
+    check(samples_per_process % hw.train_batch_size == 0,
+          f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
+          f"({samples_per_process} = sample.batches_per_epoch x hardware.sample_batch_size)")
+    minibatches = samples_per_process // hw.train_batch_size
+    check(minibatches % algo.gradient_accumulation_steps == 0,
+          f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
+          f"minibatches per epoch ({minibatches})")
+    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+    train_steps = max(1, int(sample_cfg.num_steps * algo.timestep_fraction))
+
+    # ---- 2. Processes and the run folder (rank 0 owns it and tells the others).
+    accelerator = Accelerator(
+        cpu=hw.cpu, mixed_precision=hw.mixed_precision,
+        # One optimizer step per `gradient_accumulation_steps` minibatches, each of `train_steps` timesteps.
+        gradient_accumulation_steps=algo.gradient_accumulation_steps * train_steps,
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run_dir = [HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None]
+    broadcast_object_list(run_dir)
+    run_dir = Path(run_dir[0])
+    if hw.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    device = accelerator.device
+    torch.manual_seed(seed_for(cfg.seed, rank))
+    if accelerator.is_main_process:
+        log.info("run folder: %s (%d process%s, %s)", run_dir, world, "es" if world > 1 else "", device)
+
+    # ---- 3. Model, reward, prompts, optimizer. Rewards load their weights now, never mid-run.
+    pipeline = models.load_pipeline(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed)
+    vae, text_encoder, tokenizer, unet, scheduler = (
+        pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, pipeline.scheduler)
+    # Frozen parts run in the mixed-precision dtype; trainable weights stay in fp32 (as DDPO's code).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hw.mixed_precision, torch.float32)
+    vae.requires_grad_(False).to(device, dtype=weight_dtype)
+    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    if cfg.model.finetune == "lora":
+        unet.to(device, dtype=weight_dtype)
+        models.add_lora(unet, cfg.model.lora.rank, cfg.model.lora.alpha, list(cfg.model.lora.target_modules))
+        for p in models.trainable_parameters(unet).values():
+            p.data = p.data.float()
+    else:
+        unet.to(device).requires_grad_(True)
+    if hw.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    reward_fn = hydra.utils.instantiate(cfg.reward.fn)
+    objective = hydra.utils.instantiate(cfg.algorithm.objective)
+    train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
+    params = list(models.trainable_parameters(unet).values())
+    optimizer = torch.optim.AdamW(
+        params, lr=algo.learning_rate, betas=(algo.adam_beta1, algo.adam_beta2),
+        weight_decay=algo.adam_weight_decay, eps=algo.adam_epsilon,
+    )
+    unet_trained, optimizer = accelerator.prepare(unet, optimizer)
+    negative_embed = encode_prompts(tokenizer, text_encoder, [""], device)  # (1, L, D)
+    latent_shape = (unet.config.in_channels, cfg.model.resolution // pipeline.vae_scale_factor,
+                    cfg.model.resolution // pipeline.vae_scale_factor)
+
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if accelerator.is_main_process else None
+
+    def rollout(prompts: list[str], noise_seeds: list[int], step_seeds: list[int]) -> tuple[torch.Tensor, ...]:
+        """Sample one batch: latents (B, T+1, C, h, w), log_probs (B, T), timesteps (T,), and the
+        prompt and negative embeddings (B, L, D). noise_seeds fix x_T, step_seeds the sampler noise."""
+        unique = sorted(set(prompts))  # encode each distinct prompt once
+        unique_embeds = encode_prompts(tokenizer, text_encoder, unique, device)
+        prompt_embeds = unique_embeds[[unique.index(p) for p in prompts]]
+        negative_embeds = negative_embed.expand(len(prompts), -1, -1)
+        initial = torch.stack([torch.randn(latent_shape, generator=g) for g in generators(noise_seeds, device)])
+        with accelerator.autocast():
+            latents, log_probs, timesteps = sample_trajectories(
+                unet, scheduler, prompt_embeds, negative_embeds, initial.to(device, weight_dtype),
+                sample_cfg.num_steps, sample_cfg.guidance_scale, sample_cfg.eta, generators(step_seeds, device),
+            )
+        return latents, log_probs, timesteps, prompt_embeds, negative_embeds
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        """Held-out prompts at fixed seeds: the same noise at every evaluation, split over processes."""
+        indices = list(range(rank, cfg.eval.num_images, world))
+        prompts = [eval_prompts[i % len(eval_prompts)] for i in indices]
+        unet.eval()
+        images, rewards = torch.zeros(0, 3, 1, 1), torch.zeros(0)
+        if prompts:
+            latents, *_ = rollout(prompts, [seed_for(cfg.eval.seed, 0, i) for i in indices],
+                                  [seed_for(cfg.eval.seed, 1, i) for i in indices])
+            with torch.inference_mode():
+                images = decode(vae, latents[:, -1])
+            rewards = reward_fn(images, prompts).float().cpu()
+        all_rewards = gather_object(rewards.tolist())
+        all_images = gather_object(list(images.cpu()))
+        if accelerator.is_main_process:
+            grid = make_grid(torch.stack(all_images), nrow=int(math.ceil(len(all_images) ** 0.5)))
+            (run_dir / "eval").mkdir(exist_ok=True)
+            save_image(grid, run_dir / "eval" / f"epoch_{epoch:04d}.png")
+            writer.add_image("eval/images", grid, epoch)
+        return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards))}
+
+    # ---- 4. Resume: weights, optimizer, algorithm state (per-prompt statistics), RNG, epoch.
+    first_epoch = 1
+    metrics_path = run_dir / "metrics.jsonl"
+    if cfg.resume is not None and checkpoint.list_checkpoints(run_dir):
+        latest = checkpoint.list_checkpoints(run_dir)[-1]
+        optimizer_state, state = checkpoint.load_checkpoint(latest, accelerator.unwrap_model(unet_trained))
+        optimizer.load_state_dict(optimizer_state)
+        objective.load_state_dict(state["algorithm"])
+        checkpoint.set_rng_state(state["rng"])
+        first_epoch = state["epoch"] + 1
+        if accelerator.is_main_process:
+            log.info("resumed from %s: continuing at epoch %d", latest, first_epoch)
+            if metrics_path.exists():  # drop epochs logged after the checkpoint: they will run again
+                kept = [line for line in metrics_path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["epoch"] < first_epoch]
+                metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    if accelerator.is_main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    show = cfg.progress and accelerator.is_main_process
+    last_eval = evaluate(0) if (cfg.eval.every > 0 and first_epoch == 1) else {}
+    if last_eval and accelerator.is_main_process:
+        log.info("epoch 0 (before training) | eval reward %.4f", last_eval["eval_reward_mean"])
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"epoch": 0, **last_eval}) + "\n")
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
+        unet.eval()
+        prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
+        batches, rewards_list = [], []
+        for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
+            groups = hw.sample_batch_size // sample_cfg.images_per_prompt
+            prompts = [p for p in draw_prompts(train_prompts, groups, prompt_rng) for _ in range(sample_cfg.images_per_prompt)]
+            k = sample_cfg.images_per_prompt if sample_cfg.same_noise_per_prompt else 1
+            noise_seeds = [seed_for(cfg.seed, epoch, rank, 1, b, i - i % k) for i in range(len(prompts))]
+            step_seeds = [seed_for(cfg.seed, epoch, rank, 2, b, i) for i in range(len(prompts))]
+            latents, log_probs, timesteps, prompt_embeds, negative_embeds = rollout(prompts, noise_seeds, step_seeds)
+            with torch.inference_mode():
+                images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
+            rewards = reward_fn(images, prompts).to(device).float()        # (B,)
+            rewards_list.append(rewards)
+            batches.append(Trajectories(
+                prompt_embeds=prompt_embeds.clone(), negative_embeds=negative_embeds.clone(),
+                latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),
+                timesteps=timesteps.expand(len(prompts), -1).clone(), log_probs=log_probs.clone(),
+                rewards=rewards, advantages=torch.zeros_like(rewards), prompts=prompts,
+            ))
+        samples = Trajectories.cat(batches)
+        sample_seconds = time.perf_counter() - epoch_start
+
+        # ---- 6. Advantages over the batch of all processes; each process keeps its own slice.
+        all_rewards = accelerator.gather(samples.rewards)                   # (P * N,) in rank order
+        all_prompts = gather_object(samples.prompts)
+        if not torch.isfinite(all_rewards).all():
+            raise UserError(f"epoch {epoch}: the reward returned NaN or Inf; check the reward function")
+        advantages = objective.advantages(all_prompts, all_rewards.cpu())
+        samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
+
+        # ---- 7. Train: PPO epochs over shuffled minibatches, on a random subset of each trajectory's steps.
+        train_start = time.perf_counter()
+        unet.train()
+        shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, rank, 3))
+        stats_sum: dict[str, float] = {}
+        micro_steps = 0
+        for inner in range(algo.inner_epochs):
+            order = torch.randperm(len(samples), generator=shuffle)
+            # (N, T) an independent permutation of the steps of each trajectory; the first
+            # `train_steps` columns are the steps trained on.
+            step_order = torch.stack([torch.randperm(samples.num_steps, generator=shuffle) for _ in range(len(samples))])
+            bar = tqdm(total=minibatches * train_steps, desc=f"epoch {epoch} train {inner + 1}/{algo.inner_epochs}",
+                       disable=not show, leave=False)
+            for start in range(0, len(samples), hw.train_batch_size):
+                rows = order[start:start + hw.train_batch_size]
+                batch = samples[rows.to(samples.rewards.device)]
+                batch_steps = step_order[rows, :train_steps].to(device)    # (b, train_steps)
+                for j in range(train_steps):
+                    step_index = batch_steps[:, j]
+                    with accelerator.accumulate(unet_trained):
+                        with accelerator.autocast():
+                            log_probs = transition_log_prob(
+                                unet_trained, scheduler, batch, step_index, sample_cfg.guidance_scale, sample_cfg.eta)
+                        old_log_probs = batch.log_probs[torch.arange(len(batch), device=device), step_index]
+                        loss, stats = objective.loss(log_probs, old_log_probs, batch.advantages)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, algo.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    for name, value in {"loss": loss.detach(), **stats}.items():
+                        stats_sum[name] = stats_sum.get(name, 0.0) + float(value)
+                    micro_steps += 1
+                    bar.update(1)
+            bar.close()
+        train_seconds = time.perf_counter() - train_start
+
+        # ---- 8. Log: metrics.jsonl, TensorBoard, the one-line summary.
+        train_stats = {name: total / micro_steps for name, total in stats_sum.items()}
+        train_stats = {k: float(v) for k, v in zip(train_stats, accelerator.reduce(
+            torch.tensor(list(train_stats.values()), device=device), reduction="mean").tolist())}
+        seconds = time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch,
+            "reward_mean": all_rewards.float().mean().item(),
+            "reward_std": all_rewards.float().std(unbiased=False).item(),
+            **train_stats,
+            "samples": len(all_rewards),
+            "samples_per_s": len(all_rewards) / sample_seconds,
+            "transitions_per_s": micro_steps * hw.train_batch_size * world / max(train_seconds, 1e-9),
+            "sample_seconds": sample_seconds,
+            "train_seconds": train_seconds,
+        }
+        if cfg.eval.every > 0 and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
+            last_eval = evaluate(epoch)
+            metrics.update(last_eval)
+        metrics["seconds"] = time.perf_counter() - epoch_start
+        images_now = cfg.log.images_every > 0 and epoch % cfg.log.images_every == 0
+        epoch_images = gather_object([img for img in images[: cfg.log.grid_images].cpu()]) if images_now else []
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for name, value in metrics.items():
+                if name != "epoch":
+                    writer.add_scalar(name if name.startswith("eval") else f"train/{name}", value, epoch)
+            if images_now:
+                grid = make_grid(torch.stack(epoch_images[: cfg.log.grid_images]), nrow=4)
+                writer.add_image("samples", grid, epoch)
+                (run_dir / "samples").mkdir(exist_ok=True)
+                save_image(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
+            writer.flush()
+            summary = (f"epoch {epoch}/{cfg.epochs} | reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}"
+                       f" | loss {metrics['loss']:.3g} | kl {metrics['approx_kl']:.2e} | clipfrac {metrics['clipfrac']:.3f}"
+                       f" | {metrics['seconds']:.1f}s")
+            if "eval_reward_mean" in metrics:
+                summary += f" | eval {metrics['eval_reward_mean']:.4f}"
+            tqdm.write(summary) if show else log.info(summary)
+
+        # ---- 9. Checkpoint (atomically, rank 0 writes; all wait for it).
+        if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
+            if accelerator.is_main_process:
+                inner_unet = accelerator.unwrap_model(unet_trained)
+                if cfg.model.finetune == "lora":
+                    export = lambda folder: models.export_lora(inner_unet, folder / "lora")  # noqa: E731
+                elif epoch == cfg.epochs:
+                    export = lambda folder: models.export_pipeline(pipeline, inner_unet, folder / "pipeline")  # noqa: E731
+                else:
+                    export = lambda folder: None  # noqa: E731
+                saved = checkpoint.save_checkpoint(
+                    run_dir, epoch, models.trainable_parameters(inner_unet), optimizer.state_dict(),
+                    {"algorithm": objective.state_dict()}, export, cfg.checkpoint.keep)
+                log.info("checkpoint: %s", saved)
+            accelerator.wait_for_everyone()
+
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return float(last_eval.get("eval_reward_mean", metrics["reward_mean"] if cfg.epochs >= first_epoch else math.nan))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_hydra_app(train, config_name="train", extra_overrides=resume_overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Trajectories: the one type that flows through the loop, from sampling to the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Trajectories:
+    """A batch of B sampled denoising chains of T steps each.
+
+    Every tensor field has batch as its first dimension, so a batch can be indexed, shuffled and
+    concatenated field by field. Shapes:
+        prompt_embeds:   (B, L, D) text-encoder states of the prompts
+        negative_embeds: (B, L, D) text-encoder states of the empty prompt (guidance)
+        latents:         (B, T, C, H, W) x_t before each step
+        next_latents:    (B, T, C, H, W) x_{t-1} after each step
+        timesteps:       (B, T) long, the scheduler timestep of each step
+        log_probs:       (B, T) log p(x_{t-1} | x_t) at sampling time
+        rewards:         (B,) float reward of the final image
+        advantages:      (B,) float, filled in after rewarding
+        prompts:         B strings
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Trajectories:
+        """Select samples by a slice or a (K,) index tensor."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                values[field.name] = value[index]
+            elif isinstance(index, slice):
+                values[field.name] = value[index]
+            else:
+                values[field.name] = [value[i] for i in index.tolist()]
+        return Trajectories(**values)
+
+    def with_advantages(self, advantages: torch.Tensor) -> Trajectories:
+        return replace(self, advantages=advantages.to(self.rewards.device, self.rewards.dtype))
+
+    @staticmethod
+    def cat(parts: list[Trajectories]) -> Trajectories:
+        values = {}
+        for field in fields(Trajectories):
+            first = getattr(parts[0], field.name)
+            if isinstance(first, torch.Tensor):
+                values[field.name] = torch.cat([getattr(p, field.name) for p in parts])
+            else:
+                values[field.name] = [item for p in parts for item in getattr(p, field.name)]
+        return Trajectories(**values)
