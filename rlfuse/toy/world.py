@@ -179,7 +179,7 @@ def split_prompts(seed: int = 0, heldout_fraction: float = 0.15) -> tuple[list[s
         num_heldout = math.floor(heldout_fraction * len(prompts) + 0.5)
         heldout += sorted(prompts[i] for i in order[:num_heldout])
         train += sorted(prompts[i] for i in order[num_heldout:])
-    # Holds for any seed at fractions up to ~0.5 since each pair appears in 112 relation captions;
+    # Each pair appears in 112 relation captions, so this holds unless nearly all are held out; it is
     # checked rather than assumed because a held-out word would silently change what is measured.
     seen_pairs = {(o.colour, o.shape) for prompt in train for o in parse_prompt(prompt).objects}
     if len(seen_pairs) != len(COLOURS) * len(SHAPES):
@@ -191,7 +191,7 @@ _SINGLE = r"a (?P<{0}colour>\w+) (?P<{0}shape>\w+)"
 _SINGLE_RE = re.compile(_SINGLE.format(""))
 _COUNT_RE = re.compile(r"(?P<number>\w+) (?P<colour>\w+) (?P<shape>\w+)")
 _RELATION_RE = re.compile(
-    _SINGLE.format("first_") + r" (?P<phrase>to the left of|to the right of|above|below) " + _SINGLE.format("second_")
+    _SINGLE.format("first_") + " (?P<phrase>" + "|".join(RELATION_PHRASES) + ") " + _SINGLE.format("second_")
 )
 
 
@@ -224,11 +224,11 @@ def _parse_normalised(text: str) -> ParsedPrompt | None:
             return None
         return ParsedPrompt("single", (RequiredObject(match["colour"], match["shape"]),))
     if match := _COUNT_RE.fullmatch(text):
-        counts = {word: n for n, word in NUMBER_WORDS.items()}
+        count = {word: n for n, word in NUMBER_WORDS.items()}.get(match["number"])
         shape = match["shape"].removesuffix("s")
-        if match["number"] not in counts or match["shape"] != plural(shape) or not _is_known(match["colour"], shape):
+        if count is None or match["shape"] != plural(shape) or not _is_known(match["colour"], shape):
             return None
-        return ParsedPrompt("count", (RequiredObject(match["colour"], shape, counts[match["number"]]),))
+        return ParsedPrompt("count", (RequiredObject(match["colour"], shape, count),))
     return None
 
 
@@ -275,8 +275,10 @@ def scene_for_prompt(prompt: str, rng: np.random.Generator, size: int = REFERENC
             low, high = side / 2 + MIN_GAP * scale, size - side / 2 - MIN_GAP * scale
             centre = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
             objects.append(SceneObject(shape, colour, centre, float(side)))
-        if _boxes_apart(objects, MIN_GAP * scale) and (
-            parsed.relation is None or relation_holds(objects[0].centre, objects[1].centre, parsed.relation, RELATION_MARGIN * scale)
+        if not _boxes_apart(objects, MIN_GAP * scale):
+            continue
+        if parsed.relation is None or relation_holds(
+            objects[0].centre, objects[1].centre, parsed.relation, RELATION_MARGIN * scale
         ):
             return Scene(objects, image_size=size, background=background)
     raise RuntimeError(f"could not place the objects of {prompt!r} in a {size} px image")
@@ -294,13 +296,14 @@ def _boxes_apart(objects: list[SceneObject], gap: float) -> bool:
 def relation_holds(
     first: tuple[float, float], second: tuple[float, float], relation: str, margin: float = 0.0
 ) -> bool:
-    """Does the object centred at `first` stand `relation` the one centred at `second`?
+    """Does the object centred at `first` stand in `relation` to the one centred at `second`?
 
     The offset along the named axis must point the named way and exceed the cross-axis offset by
     more than `margin` pixels: "left of" means second_x - first_x > |second_y - first_y| + margin.
     A diagonal neighbour is therefore "left of" or "above", never both.
     """
     dx, dy = second[0] - first[0], second[1] - first[1]
+    # (offset along the named axis in the named direction, offset across it)
     along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
     return along > abs(across) + margin
 
@@ -336,5 +339,6 @@ def _shape_mask(shape: str, cx: float, cy: float, side: float, xs: np.ndarray, y
         return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
     if shape == "triangle":
         depth_below_apex = ys - (cy - half)  # 0 at the apex, `side` at the base
-        return (depth_below_apex >= 0) & (depth_below_apex <= side) & (np.abs(xs - cx) <= depth_below_apex / 2)
+        inside_height = (depth_below_apex >= 0) & (depth_below_apex <= side)
+        return inside_height & (np.abs(xs - cx) <= depth_below_apex / 2)  # half-width grows 1/2 px per px
     raise ValueError(f"shape {shape!r} is not one of {SHAPES}")
