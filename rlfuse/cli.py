@@ -168,8 +168,9 @@ def run_hydra_app(
         overrides = [a for a in args if not a.startswith("-")]
         try:
             cfg = check_overrides(config_name, overrides)
-            if extra_overrides is not None:
-                args += extra_overrides(cfg)
+            extra = extra_overrides(cfg) if extra_overrides is not None else []
+            # Only rank 0 chooses the run folder; the others get a throwaway one below.
+            args += [o for o in extra if process_rank() == 0 or not o.startswith("hydra.run.dir=")]
         except UserError as error:
             fail(str(error))
         if process_rank() != 0:

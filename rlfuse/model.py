@@ -27,16 +27,13 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level BPE alphabet: every byte maps to a printable unicode character.
 
-    Printable Latin-1 bytes map to themselves; the rest are shifted above 255 (Radford et al. 2019).
+    Printable Latin-1 bytes map to themselves and come first (this order is the vocabulary's);
+    the other bytes follow, shifted above 255 (Radford et al. 2019).
     """
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    mapping, shift = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            mapping[byte] = chr(byte)
-        else:
-            mapping[byte] = chr(256 + shift)
-            shift += 1
+    others = [byte for byte in range(256) if byte not in printable]
+    mapping = {byte: chr(byte) for byte in printable}
+    mapping.update({byte: chr(256 + n) for n, byte in enumerate(others)})
     return mapping
 
 
@@ -105,6 +102,32 @@ def build_tiny_pipeline(seed: int = 0, num_merges: int = 2000, max_length: int =
 # ----------------------------------------------------------------------------- loading
 
 
+def check_pipeline_source(pretrained: str | None, revision: str | None = None) -> None:
+    """Fail fast, before any run folder exists, when the weights cannot be had.
+
+    A local folder must hold model_index.json; a hub id must be cached when offline
+    (HF_HUB_OFFLINE=1), otherwise from_pretrained will download it.
+    """
+    if pretrained is None:
+        return
+    if os.path.isdir(pretrained):
+        if not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+            raise UserError(f"model.pretrained={pretrained!r}: the folder holds no model_index.json; point it at a "
+                            f"diffusers pipeline folder (pipeline.save_pretrained writes one)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model.pretrained={pretrained!r}: no such folder; give an existing pipeline folder or a hub id")
+    if constants.HF_HUB_OFFLINE and not isinstance(
+        try_to_load_from_cache(pretrained, "model_index.json", revision=revision), str
+    ):
+        raise UserError(f"model.pretrained={pretrained!r}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        f"run `huggingface-cli download {pretrained}` on a connected machine, or set "
+                        f"model.pretrained to a local pipeline folder")
+
+
 def load_pipeline(pretrained: str | None, revision: str | None = None, variant: str | None = None,
                   tiny_seed: int = 0) -> StableDiffusionPipeline:
     """The pipeline from a hub id or local folder, or the tiny one when pretrained is None.
@@ -167,11 +190,14 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
 
 def export_lora(unet: UNet2DConditionModel, folder: Path) -> None:
     """Write the UNet's LoRA in the diffusers format: pipeline.load_lora_weights(folder) loads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    layers = get_peft_model_state_dict(unet)
+    # The adapter config travels as metadata: without it the loader guesses alpha = rank and infers
+    # the targets from the keys, which loses the scale whenever alpha != rank.
+    metadata = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata)
 
 
 def export_pipeline(pipeline: StableDiffusionPipeline, unet: UNet2DConditionModel, folder: Path) -> None:

@@ -63,8 +63,36 @@ def find_resume_folder(cfg: DictConfig) -> Path | None:
     return folder
 
 
-def resume_overrides(cfg: DictConfig) -> list[str]:
-    """Make Hydra reuse the resumed run's folder instead of creating a new one."""
+def preflight(cfg: DictConfig) -> None:
+    """Check values, prompt files and weights before any folder is made or model loaded."""
+    from rlfuse.model import check_pipeline_source
+    from rlfuse.prompts import load_prompts
+
+    sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
+    check(sample_cfg.num_steps >= 1, f"sample.num_steps={sample_cfg.num_steps}: must be >= 1")
+    check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+    check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
+          f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
+          f"{sample_cfg.images_per_prompt}")
+    samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
+    check(samples_per_process % hw.train_batch_size == 0,
+          f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
+          f"({samples_per_process} = sample.batches_per_epoch x hardware.sample_batch_size)")
+    minibatches = samples_per_process // hw.train_batch_size
+    check(minibatches % algo.gradient_accumulation_steps == 0,
+          f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
+          f"minibatches per epoch ({minibatches})")
+    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+
+    load_prompts(cfg.prompts.train)
+    load_prompts(cfg.prompts.eval)
+    check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
+
+
+def startup_overrides(cfg: DictConfig) -> list[str]:
+    """Run before Hydra makes the run folder: fail fast on bad values, and reuse a resumed run's folder."""
+    preflight(cfg)
     folder = find_resume_folder(cfg)
     return [f"hydra.run.dir={folder.resolve()}"] if folder is not None else []
 
@@ -92,23 +120,10 @@ def train(cfg: DictConfig) -> float:
     from rlfuse.sampling import encode_prompts, sample_trajectories, transition_log_prob
     from rlfuse.trajectories import Trajectories
 
-    # ---- 1. Check the config values that composition cannot check.
+    # ---- 1. Check what composition cannot check (again: sweeps change values per job).
+    preflight(cfg)
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
-    check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
-    check(sample_cfg.num_steps >= 1, f"sample.num_steps={sample_cfg.num_steps}: must be >= 1")
-    check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
-    check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
-          f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
-          f"{sample_cfg.images_per_prompt}")
-    samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
-    check(samples_per_process % hw.train_batch_size == 0,
-          f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
-          f"({samples_per_process} = sample.batches_per_epoch x hardware.sample_batch_size)")
-    minibatches = samples_per_process // hw.train_batch_size
-    check(minibatches % algo.gradient_accumulation_steps == 0,
-          f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
-          f"minibatches per epoch ({minibatches})")
-    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+    minibatches = sample_cfg.batches_per_epoch * hw.sample_batch_size // hw.train_batch_size
     train_steps = max(1, int(sample_cfg.num_steps * algo.timestep_fraction))
 
     # ---- 2. Processes and the run folder (rank 0 owns it and tells the others).
@@ -134,10 +149,11 @@ def train(cfg: DictConfig) -> float:
         pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, pipeline.scheduler)
     # Frozen parts run in the mixed-precision dtype; trainable weights stay in fp32 (as DDPO's code).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hw.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(device, dtype=weight_dtype)
-    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    cast = {"device": device} if weight_dtype == torch.float32 else {"device": device, "dtype": weight_dtype}
+    vae.requires_grad_(False).to(**cast)
+    text_encoder.requires_grad_(False).to(**cast)
     if cfg.model.finetune == "lora":
-        unet.to(device, dtype=weight_dtype)
+        unet.to(**cast)
         models.add_lora(unet, cfg.model.lora.rank, cfg.model.lora.alpha, list(cfg.model.lora.target_modules))
         for p in models.trainable_parameters(unet).values():
             p.data = p.data.float()
@@ -358,7 +374,7 @@ def train(cfg: DictConfig) -> float:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_hydra_app(train, config_name="train", extra_overrides=resume_overrides)
+    run_hydra_app(train, config_name="train", extra_overrides=startup_overrides)
 
 
 if __name__ == "__main__":
