@@ -10,7 +10,8 @@ import pytest
 
 from rlfuse.cli import check_overrides, config_groups, group_choices
 
-COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in config_groups()]))
+GROUPS = [g for g in config_groups() if g != "experiment"]
+COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in GROUPS]))
 
 
 @pytest.mark.parametrize("overrides", COMBINATIONS, ids=lambda o: ",".join(x.split("=")[1] for x in o))
@@ -20,6 +21,13 @@ def test_every_combination_composes_and_its_parts_build(overrides):
     hydra.utils.instantiate(cfg.algorithm.objective)
     if cfg.prompts.name != "file":  # the file source needs a user path (prompts.train=...)
         assert cfg.prompts.train
+
+
+@pytest.mark.parametrize("experiment", group_choices("experiment"))
+def test_every_experiment_composes_and_its_parts_build(experiment):
+    cfg = check_overrides("train", [f"experiment={experiment}"])
+    hydra.utils.instantiate(cfg.algorithm.objective)
+    assert cfg.epochs > 0
 
 
 def test_every_config_key_carries_a_comment():

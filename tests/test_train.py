@@ -1,0 +1,115 @@
+"""The training loop end to end on model=tiny: it learns, logs, checkpoints and resumes exactly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# Small, fast epochs: 8 samples of 6 steps, half the steps trained, no evaluation images.
+FAST = ["hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.batches_per_epoch=2",
+        "sample.num_steps=6", "eval.every=0", "progress=false"]
+
+
+def train(root: Path, *overrides: str) -> Path:
+    """Run `python -m rlfuse.train` in a fresh process; return its run folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "rlfuse.train", f"run_root={root}", *overrides],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.parent.parent for p in root.glob("**/.hydra/config.yaml"))
+    assert folders, "no run folder was made"
+    return max(folders, key=lambda p: (p / "metrics.jsonl").stat().st_mtime)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
+    """The demo preset (model=tiny reward=jpeg, fixed seed) for 12 of its epochs."""
+    run_dir = train(tmp_path, "experiment=demo_tiny_jpeg", "epochs=12", "seed=0", "eval.every=0",
+                    "progress=false", "log.images_every=0")
+    rewards = [row["reward_mean"] for row in metrics(run_dir) if row["epoch"] > 0]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    # The per-sample reward std is about 0.01 kB, so a 3-epoch mean of 48 samples has a standard
+    # error near 0.0015: a rise of 0.02 is over ten of them (seen here: about 0.07).
+    assert last - first > 0.02, rewards
+
+
+def test_policy_unchanged_gives_ratio_one_zero_kl_zero_clipfrac_and_a_complete_run_folder(tmp_path):
+    """With a zero learning rate every micro-step is like the first one: the policy that trains is
+    the one that sampled, so recomputed log-probs must equal the recorded ones."""
+    run_dir = train(tmp_path, *FAST, "epochs=2", "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0",
+                    "checkpoint.every=1", "checkpoint.keep=1")
+    rows = metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert abs(row["ratio"] - 1) < 1e-5 and row["approx_kl"] < 1e-10 and row["clipfrac"] == 0
+        for key in ("reward_mean", "reward_std", "loss", "samples_per_s", "transitions_per_s", "seconds"):
+            assert key in row
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["epoch_000002"]  # keep=1 pruned epoch 1
+    assert (checkpoints[0] / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_run_resumed_from_its_middle_ends_with_the_same_weights(tmp_path):
+    args = [*FAST, "epochs=4", "checkpoint.every=2", "checkpoint.keep=0", "algorithm.learning_rate=1e-2",
+            "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=2", "algorithm.inner_epochs=2",
+            "algorithm.timestep_fraction=0.5"]
+    full = train(tmp_path / "a", *args)
+    interrupted = train(tmp_path / "b", *args)
+    # As if the process died during epoch 4: the epoch-4 checkpoint never landed, metrics ran ahead.
+    shutil.rmtree(interrupted / "checkpoints" / "epoch_000004")
+    resumed = train(tmp_path / "b", *args, "resume=auto")
+    assert resumed == interrupted, "resume=auto continues in the same run folder"
+    final_a = load_file(full / "checkpoints" / "epoch_000004" / "trainable.safetensors")
+    final_b = load_file(resumed / "checkpoints" / "epoch_000004" / "trainable.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a), "weights differ after resume"
+    rows_a, rows_b = metrics(full), metrics(resumed)
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
+    # The stat tracker and optimizer were restored too: the loss of epoch 3 matches.
+    assert rows_a[2]["loss"] == rows_b[2]["loss"]
+
+
+def test_full_fine_tuning_saves_a_pipeline_folder_that_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run_dir = train(tmp_path, *FAST, "epochs=1", "model.finetune=full", "algorithm.learning_rate=1e-4")
+    folder = run_dir / "checkpoints" / "epoch_000001" / "pipeline"
+    pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    trained = load_file(run_dir / "checkpoints" / "epoch_000001" / "trainable.safetensors")
+    name = next(iter(trained))
+    assert torch.equal(dict(pipeline.unet.named_parameters())[name].detach(), trained[name])
+
+
+def test_a_pipeline_folder_trains_through_model_pretrained(tmp_path, tiny_pipeline):
+    """The code path of real models (hub ids and local folders), on the tiny pipeline saved to disk."""
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    run_dir = train(tmp_path / "runs", *FAST, "epochs=1", "model=sd15", f"model.pretrained={tmp_path / 'pipe'}",
+                    "model.resolution=32", "model.lora.target_modules=[to_q,to_v]")
+    assert (run_dir / "checkpoints" / "epoch_000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_cpu_processes_share_one_run_folder(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfuse.train", f"run_root={tmp_path}",
+         *FAST, "epochs=1"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = list(tmp_path.glob("**/.hydra"))
+    assert len(folders) == 1, "rank 0 owns the only run folder"
+    rows = metrics(folders[0].parent)
+    assert rows[-1]["samples"] == 2 * 2 * 4  # processes x batches x batch size, gathered
