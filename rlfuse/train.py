@@ -32,7 +32,8 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """CPU generators: noise is drawn on the CPU and moved, so it is the same on every device."""
     return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
@@ -183,11 +184,11 @@ def train(cfg: DictConfig) -> float:
         unique_embeds = encode_prompts(tokenizer, text_encoder, unique, device)
         prompt_embeds = unique_embeds[[unique.index(p) for p in prompts]]
         negative_embeds = negative_embed.expand(len(prompts), -1, -1)
-        initial = torch.stack([torch.randn(latent_shape, generator=g) for g in generators(noise_seeds, device)])
+        initial = torch.stack([torch.randn(latent_shape, generator=g) for g in generators(noise_seeds)])
         with accelerator.autocast():
             latents, log_probs, timesteps = sample_trajectories(
                 unet, scheduler, prompt_embeds, negative_embeds, initial.to(device, weight_dtype),
-                sample_cfg.num_steps, sample_cfg.guidance_scale, sample_cfg.eta, generators(step_seeds, device),
+                sample_cfg.num_steps, sample_cfg.guidance_scale, sample_cfg.eta, generators(step_seeds),
             )
         return latents, log_probs, timesteps, prompt_embeds, negative_embeds
 
@@ -227,7 +228,9 @@ def train(cfg: DictConfig) -> float:
             if metrics_path.exists():  # drop epochs logged after the checkpoint: they will run again
                 kept = [line for line in metrics_path.read_text().splitlines()
                         if line.strip() and json.loads(line)["epoch"] < first_epoch]
-                metrics_path.write_text("".join(line + "\n" for line in kept))
+                staged = metrics_path.with_suffix(".jsonl.tmp")
+                staged.write_text("".join(line + "\n" for line in kept))
+                staged.replace(metrics_path)
 
     if accelerator.is_main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -243,7 +246,7 @@ def train(cfg: DictConfig) -> float:
         # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
         unet.eval()
         prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
-        batches, rewards_list = [], []
+        batches = []
         for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
             groups = hw.sample_batch_size // sample_cfg.images_per_prompt
             prompts = [p for p in draw_prompts(train_prompts, groups, prompt_rng) for _ in range(sample_cfg.images_per_prompt)]
@@ -254,7 +257,6 @@ def train(cfg: DictConfig) -> float:
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
             rewards = reward_fn(images, prompts).to(device).float()        # (B,)
-            rewards_list.append(rewards)
             batches.append(Trajectories(
                 prompt_embeds=prompt_embeds.clone(), negative_embeds=negative_embeds.clone(),
                 latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),

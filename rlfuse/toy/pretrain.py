@@ -1,0 +1,519 @@
+"""Pretrain the toy text-to-image model (`model=toy`) on the shapes world, on a CPU.
+
+    python -m rlfuse.toy.pretrain [key=value ...]                 config: rlfuse/conf/pretrain_toy.yaml
+    python -m rlfuse.toy.pretrain vae.steps=30 unet.steps=30 ...  smoke size: see SMOKE_OVERRIDES
+
+Two stages, both on images rendered on the fly from seeded scenes of the TRAIN captions of
+`split_prompts` (held-out captions are only ever evaluated):
+
+1. VAE. A tiny AutoencoderKL, 32 px images -> 4 x 16 x 16 latents, trained on L1 + L2 reconstruction
+   plus a small KL to N(0, I). Measured on held-out scenes: PSNR and the ShapesReward score of the
+   reconstructions. Its `scaling_factor` is 1 / std of the latents, as Stable Diffusion sets it, so
+   that the diffusion model sees latents of unit variance.
+2. Text to image. A UNet2DConditionModel and a CLIPTextModel trained jointly on the epsilon
+   objective of DDPM (Ho et al. 2020), with the Stable Diffusion 1.x noise schedule, 10% of
+   captions dropped to "" so that classifier-free guidance works (Ho & Salimans 2022), and an
+   exponential moving average (EMA) of the weights that is what gets evaluated and saved.
+
+The result is a StableDiffusionPipeline folder (`<run>/pipeline`, loads offline with
+`StableDiffusionPipeline.from_pretrained`) and `<run>/training_record.json` (config, losses, wall
+times and the held-out evaluation). Both are written atomically.
+
+This module is the only one here that reads the config; the functions it calls take plain arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from rlfuse.cli import UserError, run_hydra_app
+from rlfuse.toy.world import CAPTION_KINDS, parse_prompt, render, sample_scene, split_prompts
+
+log = logging.getLogger("rlfuse")
+
+# Overrides of the smoke size: the whole pretraining, end to end, in well under a minute (the test
+# runs it). The architecture stays the full one, so that folder size and loading are tested for real.
+SMOKE_OVERRIDES = [
+    "vae.steps=30", "vae.batch_size=8", "vae.eval_images=16", "vae.log_every=10",
+    "unet.steps=30", "unet.batch_size=8", "unet.warmup_steps=5", "unet.log_every=10",
+    "eval.every=0", "eval.num_prompts=6", "eval.num_steps=4",
+]
+
+# Independent random streams derived from the one seed: np.random.default_rng([seed, stream]).
+VAE_DATA, VAE_NOISE, VAE_EVAL, LATENT_STATS, UNET_DATA, UNET_NOISE, EVAL_PROMPTS = range(7)
+RECORD_NAME = "training_record.json"
+PIPELINE_NAME = "pipeline"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def render_batch(rng: np.random.Generator, prompts: Sequence[str], batch_size: int,
+                 image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Draw `batch_size` captions uniformly from `prompts` and render a random scene for each.
+
+    Returns images (B, 3, H, W) float32 in [-1, 1] (the VAE's range) and their B captions.
+    """
+    scenes, captions = zip(*(sample_scene(rng, image_size, prompts) for _ in range(batch_size)))
+    pixels = np.stack([render(scene) for scene in scenes])  # (B, H, W, 3) uint8
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, list(captions)
+
+
+def torch_generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_channels: int, image_size: int):
+    """A small AutoencoderKL; each level after the first halves the side (32 px, two levels -> 16x16)."""
+    from diffusers import AutoencoderKL
+
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=min(block_out_channels), sample_size=image_size,
+    )
+
+
+def build_tokenizer(folder: Path, num_merges: int, max_length: int):
+    """A CLIPTokenizer with the first `num_merges` merges of the CLIP BPE (see rlfuse.model)."""
+    from transformers import CLIPTokenizer
+
+    from rlfuse.model import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(folder, num_merges, max_length)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def check_vocabulary(tokenizer, prompts: Sequence[str]) -> dict[str, int]:
+    """Every word of `prompts` tokenises without the unknown token, and every prompt fits unclipped.
+
+    A truncated caption would silently lose its last words ("... a blue square" -> "... a blue").
+    Returns {"vocab_size", "max_caption_tokens" (with start and end tokens), "max_tokens_per_word"}.
+    Raises UserError naming the keys to change.
+    """
+    words = sorted({word for prompt in prompts for word in prompt.split()})
+    pieces = {word: tokenizer(word, add_special_tokens=False).input_ids for word in words}
+    unknown = [word for word, ids in pieces.items() if tokenizer.unk_token_id in ids]
+    if unknown:
+        raise UserError(f"the tokenizer does not know {unknown}; raise text_encoder.num_merges")
+    longest = max(len(tokenizer(prompt, verbose=False).input_ids) for prompt in prompts)
+    if longest > tokenizer.model_max_length:
+        raise UserError(f"captions need {longest} tokens but text_encoder.max_length={tokenizer.model_max_length}; "
+                        f"raise text_encoder.max_length or text_encoder.num_merges")
+    return {"vocab_size": len(tokenizer), "max_caption_tokens": longest,
+            "max_tokens_per_word": max(len(ids) for ids in pieces.values())}
+
+
+def build_text_encoder(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
+    """A small CLIPTextModel whose vocabulary and positions match the tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_unet(latent_size: int, latent_channels: int, block_out_channels: Sequence[int],
+               down_block_types: Sequence[str], up_block_types: Sequence[str], layers_per_block: int,
+               attention_head_dim: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels), down_block_types=tuple(down_block_types),
+        up_block_types=tuple(up_block_types), layers_per_block=layers_per_block,
+        attention_head_dim=attention_head_dim, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=min(32, min(block_out_channels)),
+    )
+
+
+def build_scheduler():
+    """DDIM with the Stable Diffusion 1.x schedule: scaled-linear betas 0.00085..0.012 over 1000 steps."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def update_ema(ema_module: torch.nn.Module, module: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * current, parameter by parameter."""
+    for ema_param, param in zip(ema_module.parameters(), module.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Warm-up of the EMA decay, (1 + step) / (10 + step) capped at max_decay, so that early weights
+    (random at step 0) are forgotten quickly; the same rule as diffusers' EMAModel."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+# ----------------------------------------------------------------------------- stage 1: the VAE
+
+
+def vae_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """L1 + L2 reconstruction, per pixel, + kl_weight * KL(q(z|x) || N(0, I)), per latent element.
+
+    L2 is what PSNR measures; L1 keeps the flat colours and sharp edges of the world crisp (L2 alone
+    tolerates many small errors). The decoder sees a sample of the posterior, as in Stable Diffusion,
+    so that it tolerates the imprecise latents a diffusion model produces.
+    images: (B, 3, H, W) in [-1, 1]. Returns (loss, mean squared error in [0, 1] units).
+    """
+    posterior = vae.encode(images).latent_dist
+    latents = posterior.sample(generator=generator)  # (B, 4, H/2, W/2)
+    reconstructions = vae.decode(latents).sample
+    error = reconstructions - images
+    kl_per_element = posterior.kl().mean() / latents[0].numel()  # kl() sums over C, h, w
+    loss = error.abs().mean() + error.pow(2).mean() + kl_weight * kl_per_element
+    return loss, error.detach().pow(2).mean().item() / 4  # [-1, 1] -> [0, 1] scales squared errors by 1/4
+
+
+def psnr_db(mean_squared_error: float) -> float:
+    """Peak signal-to-noise ratio of images in [0, 1]: 10 log10(1 / MSE)."""
+    return 10 * math.log10(1 / max(mean_squared_error, 1e-12))
+
+
+@torch.no_grad()
+def evaluate_vae(vae, prompts: Sequence[str], num_images: int, image_size: int, seed: int,
+                 batch_size: int = 64) -> dict[str, float]:
+    """Reconstruct `num_images` seeded scenes of `prompts` through the posterior mean.
+
+    Returns psnr_db (over all pixels), reward (mean ShapesReward of the reconstructions with their
+    captions) and reward_of_originals (the same for the rendered images: 1.0 unless the detector fails).
+    """
+    from rlfuse.rewards.shapes import ShapesReward
+
+    reward_fn = ShapesReward()
+    rng = np.random.default_rng([seed, VAE_EVAL])
+    squared_error, rewards, original_rewards = 0.0, [], []
+    for start in range(0, num_images, batch_size):
+        images, captions = render_batch(rng, prompts, min(batch_size, num_images - start), image_size)
+        reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        originals01, reconstructions01 = images / 2 + 0.5, (reconstructions / 2 + 0.5).clamp(0, 1)
+        squared_error += (reconstructions01 - originals01).pow(2).sum().item()
+        rewards.append(reward_fn(reconstructions01, captions))
+        original_rewards.append(reward_fn(originals01, captions))
+    return {"psnr_db": psnr_db(squared_error / (num_images * images[0].numel())),
+            "reward": torch.cat(rewards).mean().item(),
+            "reward_of_originals": torch.cat(original_rewards).mean().item()}
+
+
+@torch.no_grad()
+def latent_statistics(vae, prompts: Sequence[str], num_images: int, image_size: int, seed: int) -> tuple[float, float]:
+    """(mean, std) of posterior samples of the latents of `num_images` scenes; SD sets scaling_factor = 1 / std."""
+    rng, generator = np.random.default_rng([seed, LATENT_STATS]), torch_generator(seed, LATENT_STATS)
+    images, _ = render_batch(rng, prompts, num_images, image_size)
+    latents = vae.encode(images).latent_dist.sample(generator=generator)
+    return latents.mean().item(), latents.std().item()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipeline, prompts: Sequence[str], num_steps: int, guidance_scale: float, seed: int,
+                      batch_size: int) -> dict[str, float]:
+    """One image per prompt, image i from noise seed `seed + i`, scored by ShapesReward.
+
+    Returns reward (mean score), each criterion of `ShapesReward.last_details` (position: mean over
+    relation captions only, where it applies), and reward_<kind> for each caption kind present.
+    """
+    from rlfuse.rewards.shapes import CRITERIA, ShapesReward
+
+    reward_fn = ShapesReward()
+    scores, details = [], {name: [] for name in CRITERIA}
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        images = pipeline(batch, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+                          generator=generators, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+        scores.append(reward_fn(images, batch))
+        for name in CRITERIA:
+            details[name].append(reward_fn.last_details[name])
+    scores = torch.cat(scores).numpy()
+    result = {"reward": float(scores.mean())}
+    result.update({name: float(np.nanmean(torch.cat(values).numpy())) for name, values in details.items()})
+    kinds = np.array([parse_prompt(prompt).kind for prompt in prompts])
+    for kind in CAPTION_KINDS:
+        if (kinds == kind).any():
+            result[f"reward_{kind}"] = float(scores[kinds == kind].mean())
+    return result
+
+
+def describe(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def save_pipeline(pipeline, folder: Path, half_precision: bool) -> None:
+    """save_pretrained into `folder`, UNet and VAE weights in fp16 when `half_precision`.
+
+    diffusers loads fp16 weights back into fp32 models, but transformers 5 keeps a text encoder in
+    the dtype it was saved in, and an fp16 text encoder feeding an fp32 UNet breaks the pipeline on
+    a CPU; so the (small) text encoder always stays fp32. Casts copies: `pipeline` is left as it was.
+    """
+    unet, vae = pipeline.unet, pipeline.vae
+    if half_precision:
+        pipeline.unet, pipeline.vae = copy.deepcopy(unet).half(), copy.deepcopy(vae).half()
+    try:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        pipeline.unet, pipeline.vae = unet, vae
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def preflight(cfg: DictConfig) -> list[str]:
+    """Check values the config cannot check, before Hydra makes a run folder. Returns no overrides."""
+    def check(condition: bool, message: str) -> None:
+        if not condition:
+            raise UserError(message)
+
+    for stage in ("vae", "unet"):
+        check(cfg[stage].steps >= 1, f"{stage}.steps={cfg[stage].steps}: must be >= 1")
+        check(cfg[stage].batch_size >= 1, f"{stage}.batch_size={cfg[stage].batch_size}: must be >= 1")
+        check(cfg[stage].log_every >= 1, f"{stage}.log_every={cfg[stage].log_every}: must be >= 1")
+    check(0 <= cfg.unet.caption_dropout < 1, f"unet.caption_dropout={cfg.unet.caption_dropout}: use a number in [0, 1)")
+    check(0 <= cfg.unet.ema_decay < 1, f"unet.ema_decay={cfg.unet.ema_decay}: use a number in [0, 1)")
+    check(len(cfg.unet.down_block_types) == len(cfg.unet.up_block_types) == len(cfg.unet.block_out_channels),
+          "unet.block_out_channels, unet.down_block_types and unet.up_block_types need one entry per level")
+    downsampling = 2 ** (len(cfg.vae.block_out_channels) - 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    check(cfg.image_size % downsampling == 0,
+          f"image_size={cfg.image_size} must be a multiple of {downsampling} (the VAE and UNet downsampling)")
+    check(cfg.eval.num_steps >= 1, f"eval.num_steps={cfg.eval.num_steps}: must be >= 1")
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(Path(folder), cfg.text_encoder.num_merges, cfg.text_encoder.max_length)
+        check_vocabulary(tokenizer, [prompt for split in split_prompts(cfg.split_seed, cfg.heldout_fraction)
+                                     for prompt in split])
+    return []
+
+
+def pretrain(cfg: DictConfig) -> float:
+    """Run both stages, save the pipeline and the record; returns the final held-out reward."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from hydra.core.hydra_config import HydraConfig
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # ---- 0. Threads, split, run folder.
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    preflight(cfg)  # again: a sweep changes values per job
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    train_prompts, heldout_prompts = split_prompts(cfg.split_seed, cfg.heldout_fraction)
+    eval_prompts = list(heldout_prompts)
+    if cfg.eval.num_prompts is not None and cfg.eval.num_prompts < len(eval_prompts):
+        # A seeded subset, so that all caption kinds are likely present (the list is sorted by kind).
+        order = np.random.default_rng([cfg.seed, EVAL_PROMPTS]).permutation(len(eval_prompts))
+        eval_prompts = [eval_prompts[i] for i in sorted(order[: cfg.eval.num_prompts])]
+    record: dict = {"config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
+                    "torch_threads": torch.get_num_threads(), "num_train_prompts": len(train_prompts),
+                    "num_eval_prompts": len(eval_prompts)}
+    log.info("run folder %s | %d train captions | %d held-out captions evaluated | %d torch thread(s)",
+             run_dir, len(train_prompts), len(eval_prompts), torch.get_num_threads())
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # initial weights
+
+    with logging_redirect_tqdm():
+        # ---- 1. Stage 1: the VAE.
+        vae_cfg = cfg.vae
+        vae = build_vae(vae_cfg.block_out_channels, vae_cfg.layers_per_block, vae_cfg.latent_channels, cfg.image_size)
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_cfg.learning_rate, weight_decay=0.0)
+        lr_schedule = get_cosine_schedule_with_warmup(optimizer, 0, vae_cfg.steps)
+        data_rng, noise = np.random.default_rng([cfg.seed, VAE_DATA]), torch_generator(cfg.seed, VAE_NOISE)
+        vae_losses, interval_loss, interval_mse = [], 0.0, 0.0
+        stage_started = time.perf_counter()
+        vae.train()
+        for step in tqdm(range(1, vae_cfg.steps + 1), desc="vae", disable=not cfg.progress, mininterval=5):
+            images, _ = render_batch(data_rng, train_prompts, vae_cfg.batch_size, cfg.image_size)
+            loss, mse = vae_loss(vae, images, vae_cfg.kl_weight, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_schedule.step()
+            interval_loss, interval_mse = interval_loss + loss.item(), interval_mse + mse
+            if step % vae_cfg.log_every == 0 or step == vae_cfg.steps:
+                count = (step - 1) % vae_cfg.log_every + 1
+                vae_losses.append({"step": step, "loss": interval_loss / count,
+                                   "psnr_db": psnr_db(interval_mse / count)})
+                log.info("vae step %d/%d | loss %.4f | train psnr %.2f dB | %.2f steps/s", step, vae_cfg.steps,
+                         vae_losses[-1]["loss"], vae_losses[-1]["psnr_db"],
+                         step / (time.perf_counter() - stage_started))
+                interval_loss, interval_mse = 0.0, 0.0
+        vae_seconds = time.perf_counter() - stage_started
+        vae.eval().requires_grad_(False)
+        vae_eval = evaluate_vae(vae, heldout_prompts, vae_cfg.eval_images, cfg.image_size, cfg.seed)
+        latent_mean, latent_std = latent_statistics(vae, train_prompts, vae_cfg.eval_images, cfg.image_size, cfg.seed)
+        vae.register_to_config(scaling_factor=1.0 / latent_std)
+        log.info("vae held-out: %s | latents mean %.3f std %.3f -> scaling_factor %.4f",
+                 describe(vae_eval), latent_mean, latent_std, vae.config.scaling_factor)
+        record["vae"] = {"steps": vae_cfg.steps, "seconds": vae_seconds,
+                         "steps_per_second": vae_cfg.steps / vae_seconds,
+                         "parameters": count_parameters(vae), "losses": vae_losses, "heldout": vae_eval,
+                         "latent_mean": latent_mean, "latent_std": latent_std,
+                         "scaling_factor": vae.config.scaling_factor}
+
+        # ---- 2. Stage 2 models: tokenizer, text encoder, UNet, and their EMA copies.
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="rlfuse-tokenizer-"))
+        text_cfg, unet_cfg = cfg.text_encoder, cfg.unet
+        tokenizer = build_tokenizer(tokenizer_dir, text_cfg.num_merges, text_cfg.max_length)
+        shutil.rmtree(tokenizer_dir)
+        record["tokenizer"] = check_vocabulary(tokenizer, train_prompts + heldout_prompts)
+        text_encoder = build_text_encoder(tokenizer, text_cfg.hidden_size, text_cfg.num_layers, text_cfg.num_heads,
+                                          text_cfg.intermediate_size)
+        latent_size = cfg.image_size // 2 ** (len(vae_cfg.block_out_channels) - 1)
+        unet = build_unet(latent_size, vae_cfg.latent_channels, unet_cfg.block_out_channels, unet_cfg.down_block_types,
+                          unet_cfg.up_block_types, unet_cfg.layers_per_block, unet_cfg.attention_head_dim,
+                          text_cfg.hidden_size)
+        # The EMA covers the text encoder too: the UNet's averaged weights were trained against averaged
+        # text features, and pairing them with the last text encoder would mix two different models.
+        ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False)
+        scheduler = build_scheduler()
+        log.info("unet %.2f M parameters | text encoder %.2f M | vocabulary %d tokens, captions up to %d tokens",
+                 count_parameters(unet) / 1e6, count_parameters(text_encoder) / 1e6, len(tokenizer),
+                 record["tokenizer"]["max_caption_tokens"])
+        # Token ids of every caption the loop can draw, and of "" (dropped captions): (L,) each.
+        token_ids = {prompt: tokenizer(prompt, padding="max_length", max_length=text_cfg.max_length,
+                                       return_tensors="pt").input_ids[0] for prompt in [*train_prompts, ""]}
+
+        # ---- 3. Stage 2 loop: epsilon prediction on noised latents of freshly rendered scenes.
+        parameters = [*unet.parameters(), *text_encoder.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=unet_cfg.learning_rate, weight_decay=unet_cfg.weight_decay)
+        lr_schedule = get_cosine_schedule_with_warmup(optimizer, unet_cfg.warmup_steps, unet_cfg.steps)
+        data_rng, noise = np.random.default_rng([cfg.seed, UNET_DATA]), torch_generator(cfg.seed, UNET_NOISE)
+        eval_pipeline = assemble_pipeline(vae, ema_text_encoder, tokenizer, ema_unet, build_scheduler())
+        unet_losses, eval_history, interval_loss = [], [], 0.0
+        stage_started, eval_seconds = time.perf_counter(), 0.0
+        unet.train(), text_encoder.train()
+        for step in tqdm(range(1, unet_cfg.steps + 1), desc="unet", disable=not cfg.progress, mininterval=5):
+            images, captions = render_batch(data_rng, train_prompts, unet_cfg.batch_size, cfg.image_size)
+            dropped = data_rng.random(len(captions)) < unet_cfg.caption_dropout
+            captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
+            with torch.no_grad():  # (B, 4, h, w), unit variance
+                latents = vae.encode(images).latent_dist.sample(generator=noise) * vae.config.scaling_factor
+            epsilon = torch.randn(latents.shape, generator=noise)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=noise)
+            noisy_latents = scheduler.add_noise(latents, epsilon, timesteps)  # sqrt(a_t) x_0 + sqrt(1 - a_t) eps
+            # (B, L, D) last hidden states, as StableDiffusionPipeline.encode_prompt computes them
+            text_states = text_encoder(torch.stack([token_ids[caption] for caption in captions]))[0]
+            predicted = unet(noisy_latents, timesteps, encoder_hidden_states=text_states).sample
+            loss = F.mse_loss(predicted, epsilon)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, unet_cfg.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            decay = ema_decay_at(step, unet_cfg.ema_decay)
+            update_ema(ema_unet, unet, decay)
+            update_ema(ema_text_encoder, text_encoder, decay)
+            interval_loss += loss.item()
+
+            if step % unet_cfg.log_every == 0 or step == unet_cfg.steps:
+                count = (step - 1) % unet_cfg.log_every + 1
+                train_seconds = time.perf_counter() - stage_started - eval_seconds
+                unet_losses.append({"step": step, "loss": interval_loss / count})
+                log.info("unet step %d/%d | loss %.4f | lr %.2e | %.2f steps/s", step, unet_cfg.steps,
+                         unet_losses[-1]["loss"], lr_schedule.get_last_lr()[0], step / train_seconds)
+                interval_loss = 0.0
+            if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < unet_cfg.steps:
+                eval_started = time.perf_counter()
+                metrics = evaluate_pipeline(eval_pipeline, eval_prompts, cfg.eval.num_steps, cfg.eval.guidance_scale,
+                                            cfg.eval.seed, cfg.eval.batch_size)
+                eval_seconds += time.perf_counter() - eval_started
+                eval_history.append({"step": step, **metrics})
+                log.info("eval (EMA) step %d | %s | %.0f s", step, describe(metrics),
+                         time.perf_counter() - eval_started)
+        unet_seconds = time.perf_counter() - stage_started - eval_seconds
+        record["unet"] = {"steps": unet_cfg.steps, "seconds": unet_seconds,
+                          "steps_per_second": unet_cfg.steps / unet_seconds, "parameters": count_parameters(unet),
+                          "text_encoder_parameters": count_parameters(text_encoder), "losses": unet_losses,
+                          "eval_history": eval_history, "eval_seconds_during_training": eval_seconds}
+
+        # ---- 4. Save the EMA pipeline, load it back from disk and evaluate what was saved.
+        final_dir = run_dir / PIPELINE_NAME
+        temporary_dir = run_dir / f".{PIPELINE_NAME}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary_dir, ignore_errors=True)
+        save_pipeline(eval_pipeline, temporary_dir, cfg.half_precision_weights)
+        saved = StableDiffusionPipeline.from_pretrained(temporary_dir)
+        saved.set_progress_bar_config(disable=True)
+        eval_started = time.perf_counter()
+        final_eval = evaluate_pipeline(saved, eval_prompts, cfg.eval.num_steps, cfg.eval.guidance_scale,
+                                       cfg.eval.seed, cfg.eval.batch_size)
+        log.info("final eval (saved EMA pipeline, %d held-out captions) | %s | %.0f s", len(eval_prompts),
+                 describe(final_eval), time.perf_counter() - eval_started)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(temporary_dir, final_dir)
+
+    # ---- 5. The record, written last: its presence says the pipeline beside it is complete.
+    record["eval"] = {"prompts": "heldout", "num_prompts": len(eval_prompts), "num_steps": cfg.eval.num_steps,
+                      "guidance_scale": cfg.eval.guidance_scale, "seed": cfg.eval.seed, **final_eval}
+    record["pipeline"] = {"folder": str(final_dir), "megabytes": folder_megabytes(final_dir),
+                          "half_precision_weights": cfg.half_precision_weights}
+    record["wall_seconds"] = time.perf_counter() - started
+    import diffusers
+    import transformers
+    record["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                          "transformers": transformers.__version__}
+    write_json_atomically(record, run_dir / RECORD_NAME)
+    log.info("pipeline %s (%.1f MB) | record %s | %.1f min", final_dir, record["pipeline"]["megabytes"],
+             run_dir / RECORD_NAME, record["wall_seconds"] / 60)
+    return final_eval["reward"]
+
+
+def main() -> None:
+    run_hydra_app(pretrain, config_name="pretrain_toy", extra_overrides=preflight)
+
+
+if __name__ == "__main__":
+    main()
