@@ -49,12 +49,14 @@ def find_resume_folder(cfg: DictConfig) -> Path | None:
     if cfg.resume in (None, "auto"):
         if cfg.resume is None:
             return None
-        wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "resume"}
+        # Keys that may change between a run and its continuation: how long, how chatty, how resumed.
+        free = ("resume", "epochs", "progress")
+        wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in free}
         candidates = sorted(Path(cfg.run_root).glob("**/.hydra/config.yaml"), key=lambda p: p.stat().st_mtime)
         for saved in reversed(candidates):
             run_dir = saved.parent.parent
-            previous = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-            previous.pop("resume", None)
+            previous = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved), resolve=False).items()
+                        if k not in free}
             if previous == wanted and list_checkpoints(run_dir):
                 return run_dir
         return None
