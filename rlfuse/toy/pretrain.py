@@ -51,7 +51,7 @@ log = logging.getLogger("rlfuse")
 SMOKE_OVERRIDES = [
     "vae.steps=30", "vae.batch_size=8", "vae.eval_images=16", "vae.log_every=10",
     "unet.steps=30", "unet.batch_size=8", "unet.warmup_steps=5", "unet.log_every=10",
-    "eval.every=0", "eval.num_prompts=6", "eval.num_steps=4",
+    "eval.every=20", "eval.num_prompts=6", "eval.num_steps=4",
 ]
 
 # Independent random streams derived from the one seed: np.random.default_rng([seed, stream]).
