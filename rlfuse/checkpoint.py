@@ -3,7 +3,8 @@
 A checkpoint is a folder checkpoints/epoch_NNNNNN/ holding:
     trainable.safetensors   every trainable UNet parameter (LoRA or all), by name
     optimizer.pt            the optimizer state
-    state.pt                epoch, algorithm state (e.g. per-prompt statistics), RNG states
+    state.pt                epoch, algorithm state (e.g. per-prompt statistics), RNG states of
+                            every process, fp16 loss scale
     lora/                   LoRA in the diffusers format (pipeline.load_lora_weights(folder)), or
     pipeline/               a full pipeline folder (full fine-tuning, final checkpoint)
 It is written under a temporary name and renamed into place, so a crash mid-write leaves the
@@ -61,7 +62,7 @@ def save_checkpoint(
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, temporary / "trainable.safetensors")
         torch.save(optimizer_state, temporary / "optimizer.pt")
-        torch.save({"epoch": epoch, "rng": rng_state(), **extra_state}, temporary / "state.pt")
+        torch.save({"epoch": epoch, **extra_state}, temporary / "state.pt")
         export(temporary)
         _fsync_tree(temporary)
         if final.exists():
@@ -71,6 +72,7 @@ def save_checkpoint(
             shutil.rmtree(stale)
         else:
             temporary.rename(final)
+        _fsync_directory(final.parent)  # make the rename itself durable
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {final}: {error.strerror or error}; free disk space or fix "
@@ -86,6 +88,14 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

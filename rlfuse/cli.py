@@ -14,6 +14,8 @@ EXIT_USAGE = 2
 # Options of Hydra's own command line that print something and exit, or change no config value.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
                "--shell-completion", "-sc", "--version"}
+# Options of Hydra's command line that take the next argument as their value.
+_VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"}
 
 
 class UserError(Exception):
@@ -36,10 +38,6 @@ def config_groups() -> list[str]:
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def _describe_value(value: object) -> str:
-    return type(value).__name__
 
 
 def _type_mismatch(default: object, value: object) -> str | None:
@@ -94,16 +92,21 @@ def check_overrides(config_name: str, overrides: list[str]) -> object:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
         raise UserError(f"cannot parse the command line: {_first_line(error)}") from None
+    # Hydra's own settings are Hydra's to check; interval sweeps have no values to list and are
+    # the business of a sweeper that samples them (Optuna).
     parsed = [p for p in parsed if not p.key_or_group.startswith("hydra")]
-    first_values = [
-        f"{p.get_key_element()}={next(iter(p.sweep_string_iterator()))}" if p.is_sweep_override() else p.input_line
-        for p in parsed
-    ]
+    intervals = [p for p in parsed if p.is_sweep_override() and _sweep_values(p) is None]
+    if intervals and not any(p.key_or_group == "hydra/sweeper" for p in OverridesParser.create().parse_overrides(overrides)):
+        raise UserError(f"{intervals[0].input_line}: an interval needs a sweeper that samples it; add -m and "
+                        f"hydra/sweeper=optuna (pip install hydra-optuna-sweeper), or list values: a=1,2,3")
+    parsed = [p for p in parsed if p not in intervals]
+    first_values = [f"{p.get_key_element()}={_sweep_values(p)[0]}" if p.is_sweep_override() else p.input_line
+                    for p in parsed]
     # Check every value of every sweep on top of the others' first values.
     candidates = [list(first_values)]
     for i, p in enumerate(parsed):
         if p.is_sweep_override():
-            for value in list(p.sweep_string_iterator())[1:]:
+            for value in _sweep_values(p)[1:]:
                 candidates.append(first_values[:i] + [f"{p.get_key_element()}={value}"] + first_values[i + 1:])
     composed = None
     for candidate in candidates:
@@ -122,15 +125,26 @@ def check_overrides(config_name: str, overrides: list[str]) -> object:
             key = p.key_or_group
             if key.split("@")[0] in groups or p.is_delete() or p.is_add():
                 continue
-            default = OmegaConf.select(defaults, key, default=None)
-            value = OmegaConf.select(cfg, key, default=None)
+            try:
+                default = OmegaConf.select(defaults, key, default=None)
+                value = OmegaConf.select(cfg, key, default=None)
+            except OmegaConfBaseException:
+                continue  # a missing (???) or broken interpolated value: the run's preflight names it
             if OmegaConf.is_config(default) and not OmegaConf.is_config(value):
                 raise UserError(f"{text}: '{key}' is a section, not a value; set one of its keys, e.g. {key}.<name>=...")
             expected = _type_mismatch(default, value)
             if expected:
-                raise UserError(f"{text}: '{key}' must be {expected}, got {_describe_value(value)} {value!r}")
+                raise UserError(f"{text}: '{key}' must be {expected}, got {type(value).__name__} {value!r}")
         composed = composed if composed is not None else cfg
     return composed
+
+
+def _sweep_values(override) -> list[str] | None:
+    """The values of a choice or range sweep as strings; None for an interval sweep."""
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:  # Hydra raises its own error types for sweeps that cannot be enumerated
+        return None
 
 
 def _find_culprit(config_name: str, overrides: list[str]) -> tuple[str | None, Exception | None]:
@@ -165,7 +179,18 @@ def run_hydra_app(
 
     args = sys.argv[1:]
     if not any(a.split("=", 1)[0] in _INFO_FLAGS for a in args):
-        overrides = [a for a in args if not a.startswith("-")]
+        overrides, skip_next = [], False
+        for i, arg in enumerate(args):
+            flag, _, inline_value = arg.partition("=")
+            if skip_next:
+                skip_next = False
+            elif flag in _VALUE_FLAGS:
+                value = inline_value or (args[i + 1] if i + 1 < len(args) else "")
+                skip_next = not inline_value
+                if flag in ("--config-name", "-cn"):
+                    config_name = value
+            elif not arg.startswith("-"):
+                overrides.append(arg)
         try:
             cfg = check_overrides(config_name, overrides)
             extra = extra_overrides(cfg) if extra_overrides is not None else []

@@ -110,6 +110,7 @@ def check_pipeline_source(pretrained: str | None, revision: str | None = None) -
     """
     if pretrained is None:
         return
+    pretrained = os.path.expanduser(pretrained)
     if os.path.isdir(pretrained):
         if not os.path.isfile(os.path.join(pretrained, "model_index.json")):
             raise UserError(f"model.pretrained={pretrained!r}: the folder holds no model_index.json; point it at a "
@@ -139,6 +140,7 @@ def load_pipeline(pretrained: str | None, revision: str | None = None, variant: 
     if pretrained is None:
         pipeline = build_tiny_pipeline(seed=tiny_seed)
     else:
+        pretrained = os.path.expanduser(pretrained)
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 pretrained, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
@@ -201,10 +203,22 @@ def export_lora(unet: UNet2DConditionModel, folder: Path) -> None:
 
 
 def export_pipeline(pipeline: StableDiffusionPipeline, unet: UNet2DConditionModel, folder: Path) -> None:
-    """Write a full pipeline folder holding the fine-tuned UNet: from_pretrained(folder) loads it."""
-    original = pipeline.unet
+    """Write a full pipeline folder holding the fine-tuned UNet: from_pretrained(folder) loads it.
+
+    Every part is written in fp32, whatever the training precision: frozen parts cast to fp16 for
+    speed would otherwise load back beside an fp32 UNet and fail on the first matrix product.
+    """
+    original_unet = pipeline.unet
+    dtypes = {name: getattr(pipeline, name).dtype for name in ("vae", "text_encoder")}
     pipeline.unet = unet
     try:
+        for name in dtypes:
+            getattr(pipeline, name).to(torch.float32)
+        original_unet_dtype = unet.dtype
+        unet.to(torch.float32)
         pipeline.save_pretrained(folder, safe_serialization=True)
+        unet.to(original_unet_dtype)
     finally:
-        pipeline.unet = original
+        pipeline.unet = original_unet
+        for name, dtype in dtypes.items():
+            getattr(pipeline, name).to(dtype)

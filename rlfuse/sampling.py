@@ -62,6 +62,12 @@ def ddim_step_with_logprob(
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.set_timesteps(num_steps) must be called before stepping")
+    # The step runs in at least fp32 whatever the model's precision: sampling and training must score
+    # a transition identically, or PPO ratios drift from 1 before any update (fp16 rounding of the
+    # coefficients alone moves them by 1e-3, ten times DDPO's clip range).
+    storage_dtype = sample.dtype
+    compute_dtype = torch.promote_types(storage_dtype, torch.float32)
+    sample, model_output = sample.to(compute_dtype), model_output.to(compute_dtype)
     config = scheduler.config
     timestep = torch.as_tensor(timestep, device=sample.device).long()
     step_size = config.num_train_timesteps // scheduler.num_inference_steps
@@ -104,7 +110,9 @@ def ddim_step_with_logprob(
 
     if prev_sample is None:
         noise = _randn_like(sample, generator)
-        prev_sample = prev_mean + std * noise
+        # Score the value that will be stored (rounded to the storage dtype), not the unrounded draw.
+        prev_sample = (prev_mean + std * noise).to(storage_dtype)
+    prev_sample = prev_sample.to(compute_dtype)
 
     # Gaussian log-density, per element, then averaged over all non-batch dimensions.
     deterministic = std == 0
@@ -114,7 +122,7 @@ def ddim_step_with_logprob(
     )
     log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
     log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
-    return prev_sample.type(sample.dtype), log_prob
+    return prev_sample.to(storage_dtype), log_prob
 
 
 def _randn_like(sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
@@ -193,9 +201,7 @@ def sample_trajectories(
     for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
         model_input = scheduler.scale_model_input(latents, t)
         noise_pred = guided_noise_prediction(unet, model_input, t, prompt_embeds, negative_embeds, guidance_scale)
-        latents, log_prob = ddim_step_with_logprob(
-            scheduler, noise_pred.to(latents.dtype), t, latents, eta=eta, generator=generators
-        )
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta, generator=generators)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), timesteps
@@ -221,7 +227,5 @@ def transition_log_prob(
     noise_pred = guided_noise_prediction(
         unet, model_input, timesteps, batch.prompt_embeds, batch.negative_embeds, guidance_scale
     )
-    _, log_prob = ddim_step_with_logprob(
-        scheduler, noise_pred.float(), timesteps, latents.float(), eta=eta, prev_sample=next_latents.float()
-    )
+    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta=eta, prev_sample=next_latents)
     return log_prob

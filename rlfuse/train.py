@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from rlfuse.cli import UserError, run_hydra_app
@@ -42,28 +43,48 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+# Keys that may change between a run and its continuation: how long, how chatty, how resumed.
+RESUME_FREE_KEYS = ("resume", "epochs", "progress")
+
+
+def _comparable(config: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in RESUME_FREE_KEYS}
+
+
 def find_resume_folder(cfg: DictConfig) -> Path | None:
-    """The run folder that resume=<folder> or resume=auto points at (auto: None when none matches)."""
+    """The run folder that resume=<folder> or resume=auto points at (auto: None when none matches).
+
+    auto picks the newest run under run_root whose config equals this one (but for epochs,
+    progress and resume) and that has a checkpoint; <folder> must hold a checkpoint and the same config.
+    """
     from rlfuse.checkpoint import list_checkpoints
 
-    if cfg.resume in (None, "auto"):
-        if cfg.resume is None:
-            return None
-        # Keys that may change between a run and its continuation: how long, how chatty, how resumed.
-        free = ("resume", "epochs", "progress")
-        wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in free}
+    if cfg.resume is None:
+        return None
+    wanted = _comparable(cfg)
+    if cfg.resume == "auto":
         candidates = sorted(Path(cfg.run_root).glob("**/.hydra/config.yaml"), key=lambda p: p.stat().st_mtime)
         for saved in reversed(candidates):
-            run_dir = saved.parent.parent
-            previous = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved), resolve=False).items()
-                        if k not in free}
-            if previous == wanted and list_checkpoints(run_dir):
-                return run_dir
+            if _comparable(OmegaConf.load(saved)) == wanted and list_checkpoints(saved.parent.parent):
+                return saved.parent.parent
         return None
-    folder = Path(cfg.resume)
-    check(folder.is_dir(), f"resume={cfg.resume!r}: no such run folder; give a folder under {cfg.run_root}/ or resume=auto")
+    folder = Path(cfg.resume).expanduser()
+    saved = folder / ".hydra" / "config.yaml"
+    check(saved.is_file(), f"resume={cfg.resume!r}: not a run folder (no .hydra/config.yaml); give a folder under "
+                           f"{cfg.run_root}/ or resume=auto")
     check(bool(list_checkpoints(folder)), f"resume={cfg.resume!r}: the folder holds no checkpoint to resume from")
+    previous = _comparable(OmegaConf.load(saved))
+    changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
+    check(not changed, f"resume={cfg.resume!r}: the run was made with a different config ({', '.join(changed)} "
+                       f"differ); resume with the same overrides, or start a new run")
     return folder
+
+
+def missing_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is still '???' (OmegaConf's mandatory marker), without resolving anything."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in missing_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "???" else []
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -71,9 +92,20 @@ def preflight(cfg: DictConfig) -> None:
     from rlfuse.model import check_pipeline_source
     from rlfuse.prompts import load_prompts
 
+    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise UserError(f"{', '.join(missing)}: required but not set; give it on the command line, e.g. {missing[0]}=...")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or "the config"
+        raise UserError(f"{key}: {str(error).splitlines()[0]}") from None
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
+                "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
+                "algorithm.gradient_accumulation_steps", "checkpoint.every"):
+        check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
     check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
-    check(sample_cfg.num_steps >= 1, f"sample.num_steps={sample_cfg.num_steps}: must be >= 1")
     check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
     check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
           f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
@@ -91,6 +123,20 @@ def preflight(cfg: DictConfig) -> None:
     load_prompts(cfg.prompts.train)
     load_prompts(cfg.prompts.eval)
     check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
+    build(cfg.algorithm.objective, "algorithm.objective")
+    build(cfg.reward.fn, "reward.fn")
+
+
+def build(node: DictConfig, key: str):
+    """hydra.utils.instantiate with the constructor's complaint as one line naming the key."""
+    import hydra.utils
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise UserError(f"{key}: {str(cause).strip().splitlines()[-1]}") from None
 
 
 def startup_overrides(cfg: DictConfig) -> list[str]:
@@ -111,7 +157,6 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: DictConfig) -> float:
     """Run one training job; returns the last evaluation reward (the metric sweeps optimise)."""
-    import hydra.utils
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
     from hydra.core.hydra_config import HydraConfig
@@ -164,8 +209,8 @@ def train(cfg: DictConfig) -> float:
         unet.to(device).requires_grad_(True)
     if hw.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reward_fn = hydra.utils.instantiate(cfg.reward.fn)
-    objective = hydra.utils.instantiate(cfg.algorithm.objective)
+    reward_fn = build(cfg.reward.fn, "reward.fn")
+    objective = build(cfg.algorithm.objective, "algorithm.objective")
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     params = list(models.trainable_parameters(unet).values())
     optimizer = torch.optim.AdamW(
@@ -177,8 +222,6 @@ def train(cfg: DictConfig) -> float:
     latent_shape = (unet.config.in_channels, cfg.model.resolution // pipeline.vae_scale_factor,
                     cfg.model.resolution // pipeline.vae_scale_factor)
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if accelerator.is_main_process else None
-
     def rollout(prompts: list[str], noise_seeds: list[int], step_seeds: list[int]) -> tuple[torch.Tensor, ...]:
         """Sample one batch: latents (B, T+1, C, h, w), log_probs (B, T), timesteps (T,), and the
         prompt and negative embeddings (B, L, D). noise_seeds fix x_T, step_seeds the sampler noise."""
@@ -189,7 +232,7 @@ def train(cfg: DictConfig) -> float:
         initial = torch.stack([torch.randn(latent_shape, generator=g) for g in generators(noise_seeds)])
         with accelerator.autocast():
             latents, log_probs, timesteps = sample_trajectories(
-                unet, scheduler, prompt_embeds, negative_embeds, initial.to(device, weight_dtype),
+                unet, scheduler, prompt_embeds, negative_embeds, initial.to(device),  # latents stay fp32 even under mixed precision
                 sample_cfg.num_steps, sample_cfg.guidance_scale, sample_cfg.eta, generators(step_seeds),
             )
         return latents, log_probs, timesteps, prompt_embeds, negative_embeds
@@ -215,24 +258,35 @@ def train(cfg: DictConfig) -> float:
             writer.add_image("eval/images", grid, epoch)
         return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards))}
 
-    # ---- 4. Resume: weights, optimizer, algorithm state (per-prompt statistics), RNG, epoch.
+    # ---- 4. Resume: weights, optimizer (and fp16 loss scale), algorithm state, RNG, epoch.
     first_epoch = 1
     metrics_path = run_dir / "metrics.jsonl"
     if cfg.resume is not None and checkpoint.list_checkpoints(run_dir):
         latest = checkpoint.list_checkpoints(run_dir)[-1]
         optimizer_state, state = checkpoint.load_checkpoint(latest, accelerator.unwrap_model(unet_trained))
         optimizer.load_state_dict(optimizer_state)
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         objective.load_state_dict(state["algorithm"])
-        checkpoint.set_rng_state(state["rng"])
+        rng_states = state["rng_per_process"]
+        checkpoint.set_rng_state(rng_states[rank] if len(rng_states) == world else rng_states[0])
         first_epoch = state["epoch"] + 1
         if accelerator.is_main_process:
             log.info("resumed from %s: continuing at epoch %d", latest, first_epoch)
-            if metrics_path.exists():  # drop epochs logged after the checkpoint: they will run again
-                kept = [line for line in metrics_path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["epoch"] < first_epoch]
+            if metrics_path.exists():  # drop epochs logged after the checkpoint (they run again) and torn lines
+                kept = []
+                for line in metrics_path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["epoch"] < first_epoch:
+                            kept.append(line)
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
                 staged = metrics_path.with_suffix(".jsonl.tmp")
                 staged.write_text("".join(line + "\n" for line in kept))
                 staged.replace(metrics_path)
+    # purge_step drops TensorBoard points of epochs that run again after a resume.
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_epoch if first_epoch > 1 else None) \
+        if accelerator.is_main_process else None
 
     if accelerator.is_main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -280,7 +334,7 @@ def train(cfg: DictConfig) -> float:
         train_start = time.perf_counter()
         unet.train()
         shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, rank, 3))
-        stats_sum: dict[str, float] = {}
+        stats_sum: dict[str, torch.Tensor] = {}
         micro_steps = 0
         for inner in range(algo.inner_epochs):
             order = torch.randperm(len(samples), generator=shuffle)
@@ -307,16 +361,16 @@ def train(cfg: DictConfig) -> float:
                         optimizer.step()
                         optimizer.zero_grad()
                     for name, value in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[name] = stats_sum.get(name, 0.0) + float(value)
+                        stats_sum[name] = stats_sum.get(name, 0.0) + value.detach().float()  # no sync per step
                     micro_steps += 1
                     bar.update(1)
             bar.close()
         train_seconds = time.perf_counter() - train_start
 
         # ---- 8. Log: metrics.jsonl, TensorBoard, the one-line summary.
-        train_stats = {name: total / micro_steps for name, total in stats_sum.items()}
-        train_stats = {k: float(v) for k, v in zip(train_stats, accelerator.reduce(
-            torch.tensor(list(train_stats.values()), device=device), reduction="mean").tolist())}
+        names = sorted(stats_sum)
+        means = accelerator.reduce(torch.stack([stats_sum[n] for n in names]).to(device) / micro_steps, reduction="mean")
+        train_stats = dict(zip(names, means.tolist()))
         seconds = time.perf_counter() - epoch_start
         metrics = {
             "epoch": epoch,
@@ -352,21 +406,28 @@ def train(cfg: DictConfig) -> float:
                        f" | {metrics['seconds']:.1f}s")
             if "eval_reward_mean" in metrics:
                 summary += f" | eval {metrics['eval_reward_mean']:.4f}"
-            tqdm.write(summary) if show else log.info(summary)
+            if show:
+                tqdm.write(summary)
+            else:
+                log.info(summary)
 
         # ---- 9. Checkpoint (atomically, rank 0 writes; all wait for it).
         if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
+            rng_states = gather_object([checkpoint.rng_state()])  # one per process, in rank order
             if accelerator.is_main_process:
                 inner_unet = accelerator.unwrap_model(unet_trained)
-                if cfg.model.finetune == "lora":
-                    export = lambda folder: models.export_lora(inner_unet, folder / "lora")  # noqa: E731
-                elif epoch == cfg.epochs:
-                    export = lambda folder: models.export_pipeline(pipeline, inner_unet, folder / "pipeline")  # noqa: E731
-                else:
-                    export = lambda folder: None  # noqa: E731
-                saved = checkpoint.save_checkpoint(
-                    run_dir, epoch, models.trainable_parameters(inner_unet), optimizer.state_dict(),
-                    {"algorithm": objective.state_dict()}, export, cfg.checkpoint.keep)
+
+                def export(folder: Path) -> None:
+                    """LoRA in the diffusers format each time; a full pipeline folder at the end."""
+                    if cfg.model.finetune == "lora":
+                        models.export_lora(inner_unet, folder / "lora")
+                    elif epoch == cfg.epochs:
+                        models.export_pipeline(pipeline, inner_unet, folder / "pipeline")
+
+                extra = {"algorithm": objective.state_dict(), "rng_per_process": rng_states,
+                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                saved = checkpoint.save_checkpoint(run_dir, epoch, models.trainable_parameters(inner_unet),
+                                                   optimizer.state_dict(), extra, export, cfg.checkpoint.keep)
                 log.info("checkpoint: %s", saved)
             accelerator.wait_for_everyone()
 

@@ -19,6 +19,8 @@ def test_every_combination_composes_and_its_parts_build(overrides):
     cfg = check_overrides("train", list(overrides))
     assert cfg.algorithm.name and cfg.reward.name and cfg.model.name and cfg.hardware.name
     hydra.utils.instantiate(cfg.algorithm.objective)
+    reward = hydra.utils.instantiate(cfg.reward.fn)
+    assert callable(reward)
     if cfg.prompts.name != "file":  # the file source needs a user path (prompts.train=...)
         assert cfg.prompts.train
 
@@ -63,6 +65,12 @@ def run_cli(*args):
     (["model.pretrained=/no/such/folder"], "no such folder"),
     (["model.pretrained=nobody/not-cached-model"], "not in the Hugging Face cache"),
     (["-m", "seed=0,1", "model=tiny,nope"], "valid choices"),
+    (["prompts=file"], "prompts.train: required but not set"),
+    (["sample.num_steps=${nope}"], "Interpolation key 'nope' not found"),
+    (["sample.batches_per_epoch=0"], "must be >= 1"),
+    (["reward.fn.objective=compresibility"], "reward.fn: objective='compresibility'"),
+    (["algorithm.learning_rate=interval(1e-5,1e-3)"], "an interval needs a sweeper"),
+    (["resume=/no/such/run"], "not a run folder"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")
@@ -71,6 +79,16 @@ def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir()), "no run folder is made for a bad command line"
+
+
+@pytest.mark.parametrize("accepted", [
+    ["+extra.key=1"], ["~eval.seed"], ["hydra.job.name=x"], ["model.lora.target_modules=[to_q]"],
+    ["model.pretrained=null"], ["-cn", "train"], ["-m", "seed=0,1"],
+])
+def test_valid_overrides_pass_the_checker(accepted, tmp_path):
+    """They reach the run's own value checks (here a deliberately bad eta), so none was refused."""
+    result = run_cli(*accepted, "sample.eta=0", f"run_root={tmp_path}")
+    assert result.returncode == 2 and "sample.eta=0: must be > 0" in result.stderr, result.stderr
 
 
 def test_help_lists_groups_and_choices():

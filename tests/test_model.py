@@ -46,7 +46,7 @@ def test_pipeline_saved_to_a_folder_loads_back_by_path(tmp_path, tiny_pipeline):
     assert loaded.tokenizer("a red circle").input_ids == tiny_pipeline.tokenizer("a red circle").input_ids
 
 
-def test_lora_starts_equal_to_base_and_reference_is_adapters_off(tiny_pipeline):
+def test_lora_starts_equal_to_base_and_reference_is_adapters_off():
     pipeline = build_tiny_pipeline(seed=0)
     base_out = unet_output(pipeline.unet)
     total_before = sum(p.numel() for p in pipeline.unet.parameters())

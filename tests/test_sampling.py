@@ -98,11 +98,11 @@ def test_per_sample_timesteps_match_scalar_calls():
     timesteps = scheduler.timesteps[[0, 3, 9]]
     sample, model_output = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     recorded = torch.randn(3, 4, 8, 8)
-    batched_mean, batched_lp = ddim_step_with_logprob(scheduler, model_output, timesteps, sample, prev_sample=recorded)
+    _, batched_log_probs = ddim_step_with_logprob(scheduler, model_output, timesteps, sample, prev_sample=recorded)
     for i, t in enumerate(timesteps):
-        mean, lp = ddim_step_with_logprob(scheduler, model_output[i:i + 1], int(t), sample[i:i + 1],
-                                          prev_sample=recorded[i:i + 1])
-        torch.testing.assert_close(lp, batched_lp[i:i + 1])
+        _, log_prob = ddim_step_with_logprob(scheduler, model_output[i:i + 1], int(t), sample[i:i + 1],
+                                             prev_sample=recorded[i:i + 1])
+        torch.testing.assert_close(log_prob, batched_log_probs[i:i + 1])
 
 
 def test_deterministic_step_gives_zero_log_prob_not_nan():
@@ -111,3 +111,16 @@ def test_deterministic_step_gives_zero_log_prob_not_nan():
     sample, model_output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     _, log_prob = ddim_step_with_logprob(scheduler, model_output, t, sample, eta=1.0)
     assert torch.equal(log_prob, torch.zeros(2))
+
+
+def test_low_precision_sample_is_scored_as_stored_in_fp32():
+    """A bf16 chain stores bf16 latents; its log-prob is computed in fp32 on the stored value, so
+    rescoring the stored sample later (as training does) gives the same number."""
+    scheduler = make_scheduler()
+    t = scheduler.timesteps[4]
+    sample, model_output = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 4, 8, 8).bfloat16()
+    prev_sample, log_prob = ddim_step_with_logprob(scheduler, model_output, t, sample,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert prev_sample.dtype == torch.bfloat16 and log_prob.dtype == torch.float32
+    _, rescored = ddim_step_with_logprob(scheduler, model_output, t, sample, prev_sample=prev_sample)
+    torch.testing.assert_close(rescored, log_prob, rtol=0, atol=0)

@@ -42,6 +42,16 @@ def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
     assert last - first > 0.02, rewards
 
 
+def test_policy_unchanged_under_bf16_still_gives_ratio_one(tmp_path):
+    """Mixed precision must not make sampling and training score a transition differently."""
+    run_dir = train(tmp_path, "hardware.mixed_precision=bf16", "hardware.sample_batch_size=2",
+                    "hardware.train_batch_size=2", "sample.batches_per_epoch=2", "sample.num_steps=3",
+                    "eval.every=0", "log.images_every=0", "progress=false", "epochs=1",
+                    "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0")
+    row = metrics(run_dir)[0]
+    assert row["clipfrac"] == 0 and row["approx_kl"] < 1e-10 and abs(row["ratio"] - 1) < 1e-5
+
+
 def test_policy_unchanged_gives_ratio_one_zero_kl_zero_clipfrac_and_a_complete_run_folder(tmp_path):
     """With a zero learning rate every micro-step is like the first one: the policy that trains is
     the one that sampled, so recomputed log-probs must equal the recorded ones."""
@@ -80,14 +90,31 @@ def test_run_resumed_from_its_middle_ends_with_the_same_weights(tmp_path):
     assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
     # The stat tracker and optimizer were restored too: the loss of epoch 3 matches.
     assert rows_a[2]["loss"] == rows_b[2]["loss"]
+    # One optimizer step per minibatch of 4 (no accumulation across minibatches): 4 epochs x 2 PPO
+    # epochs x 2 minibatches; the accumulation over the 3 trained timesteps makes no extra steps.
+    optimizer_state = torch.load(resumed / "checkpoints" / "epoch_000004" / "optimizer.pt", weights_only=False)
+    assert {int(s["step"]) for s in optimizer_state["state"].values()} == {4 * 2 * 2}
+
+
+def test_resume_of_a_folder_with_another_config_is_refused(tmp_path):
+    run_dir = train(tmp_path, *FAST, "epochs=1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "rlfuse.train", f"run_root={tmp_path}", *FAST, "epochs=2",
+                             "seed=5", f"resume={run_dir}"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "seed differ" in result.stderr, result.stderr
 
 
 def test_full_fine_tuning_saves_a_pipeline_folder_that_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    run_dir = train(tmp_path, *FAST, "epochs=1", "model.finetune=full", "algorithm.learning_rate=1e-4")
+    run_dir = train(tmp_path, *FAST, "epochs=1", "model.finetune=full", "algorithm.learning_rate=1e-4",
+                    "hardware.mixed_precision=bf16", "sample.num_steps=2")
     folder = run_dir / "checkpoints" / "epoch_000001" / "pipeline"
     pipeline = StableDiffusionPipeline.from_pretrained(folder)
+    # Trained in bf16 autocast, exported in fp32 throughout, and it generates.
+    assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float32}
+    image = pipeline("a cat", num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32)
     trained = load_file(run_dir / "checkpoints" / "epoch_000001" / "trainable.safetensors")
     name = next(iter(trained))
     assert torch.equal(dict(pipeline.unet.named_parameters())[name].detach(), trained[name])

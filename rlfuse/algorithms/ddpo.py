@@ -70,7 +70,7 @@ class DDPO:
         min_count: int = 16,
     ):
         if advantages not in ("per_prompt", "batch"):
-            raise ValueError(f"algorithm.objective.advantages={advantages!r}: use 'per_prompt' or 'batch'")
+            raise ValueError(f"advantages={advantages!r}: use 'per_prompt' or 'batch'")
         self.clip_range = clip_range
         self.adv_clip_max = adv_clip_max
         self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if advantages == "per_prompt" else None

@@ -36,7 +36,7 @@ class JpegReward:
 
     def __init__(self, objective: str = "compressibility", quality: int = 95):
         if objective not in ("compressibility", "incompressibility"):
-            raise ValueError(f"reward.objective={objective!r}: use 'compressibility' or 'incompressibility'")
+            raise ValueError(f"objective={objective!r}: use 'compressibility' or 'incompressibility'")
         self.sign = -1.0 if objective == "compressibility" else 1.0
         self.quality = quality
 
