@@ -209,16 +209,16 @@ def export_pipeline(pipeline: StableDiffusionPipeline, unet: UNet2DConditionMode
     speed would otherwise load back beside an fp32 UNet and fail on the first matrix product.
     """
     original_unet = pipeline.unet
-    dtypes = {name: getattr(pipeline, name).dtype for name in ("vae", "text_encoder")}
     pipeline.unet = unet
+    dtypes = {name: getattr(pipeline, name).dtype for name in ("vae", "text_encoder")}
     try:
-        for name in dtypes:
-            getattr(pipeline, name).to(torch.float32)
-        original_unet_dtype = unet.dtype
-        unet.to(torch.float32)
-        pipeline.save_pretrained(folder, safe_serialization=True)
-        unet.to(original_unet_dtype)
-    finally:
-        pipeline.unet = original_unet
+        dtypes["unet"] = unet.dtype
         for name, dtype in dtypes.items():
-            getattr(pipeline, name).to(dtype)
+            if dtype != torch.float32:
+                getattr(pipeline, name).to(torch.float32)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        for name, dtype in dtypes.items():
+            if dtype != torch.float32:
+                getattr(pipeline, name).to(dtype)
+        pipeline.unet = original_unet
