@@ -313,6 +313,7 @@ def train(cfg: DictConfig) -> float:
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
             rewards = reward_fn(images, prompts).to(device).float()        # (B,)
+            # clone(): copies made outside inference mode, since inference tensors cannot be saved for backward.
             batches.append(Trajectories(
                 prompt_embeds=prompt_embeds.clone(), negative_embeds=negative_embeds.clone(),
                 latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),
