@@ -140,3 +140,13 @@ def test_two_cpu_processes_share_one_run_folder(tmp_path):
     assert len(folders) == 1, "rank 0 owns the only run folder"
     rows = metrics(folders[0].parent)
     assert rows[-1]["samples"] == 2 * 2 * 4  # processes x batches x batch size, gathered
+
+
+def test_a_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "rlfuse.train", "-m", "seed=0,1", f"run_root={tmp_path}",
+                             *FAST, "epochs=1"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.parent for p in tmp_path.glob("multirun/**/metrics.jsonl"))
+    assert [p.name for p in folders] == ["0_ddpo_jpeg_tiny", "1_ddpo_jpeg_tiny"]
+    assert metrics(folders[0])[0]["reward_mean"] != metrics(folders[1])[0]["reward_mean"]  # seeds differ
