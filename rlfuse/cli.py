@@ -18,6 +18,17 @@ _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"}
 
 
+def _register_resolvers() -> None:
+    """${rlfuse_package:relative/path}: a path inside the installed rlfuse package (shipped models)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rlfuse_package"):
+        OmegaConf.register_new_resolver("rlfuse_package", lambda relative: str(Path(__file__).resolve().parent / relative))
+
+
+_register_resolvers()
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing weights, malformed file): one line, exit 2."""
 

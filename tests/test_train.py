@@ -150,3 +150,8 @@ def test_a_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
     folders = sorted(p.parent for p in tmp_path.glob("multirun/**/metrics.jsonl"))
     assert [p.name for p in folders] == ["0_ddpo_jpeg_tiny", "1_ddpo_jpeg_tiny"]
     assert metrics(folders[0])[0]["reward_mean"] != metrics(folders[1])[0]["reward_mean"]  # seeds differ
+
+
+def test_the_shipped_toy_model_trains_through_the_loop(tmp_path):
+    run_dir = train(tmp_path, *FAST, "epochs=1", "model=toy")
+    assert (run_dir / "checkpoints" / "epoch_000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
