@@ -87,8 +87,12 @@ def missing_keys(node: object, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "???" else []
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Check values, prompt files and weights before any folder is made or model loaded."""
+def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
+    """Check values, prompt files and weights before any folder is made or model loaded.
+
+    Returns what the checks built, so the run does not build it again: (objective, reward_fn,
+    train_prompts, eval_prompts).
+    """
     from rlfuse.model import check_pipeline_source
     from rlfuse.prompts import load_prompts
 
@@ -120,11 +124,11 @@ def preflight(cfg: DictConfig) -> None:
           f"minibatches per epoch ({minibatches})")
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
 
-    load_prompts(cfg.prompts.train)
-    load_prompts(cfg.prompts.eval)
+    train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
-    build(cfg.algorithm.objective, "algorithm.objective")
-    build(cfg.reward.fn, "reward.fn")
+    objective = build(cfg.algorithm.objective, "algorithm.objective")
+    reward_fn = build(cfg.reward.fn, "reward.fn")
+    return objective, reward_fn, train_prompts, eval_prompts
 
 
 def build(node: DictConfig, key: str):
@@ -164,12 +168,12 @@ def train(cfg: DictConfig) -> float:
     from torchvision.utils import make_grid, save_image
 
     from rlfuse import checkpoint, model as models
-    from rlfuse.prompts import draw_prompts, load_prompts
+    from rlfuse.prompts import draw_prompts
     from rlfuse.sampling import encode_prompts, sample_trajectories, transition_log_prob
     from rlfuse.trajectories import Trajectories
 
     # ---- 1. Check what composition cannot check (again: sweeps change values per job).
-    preflight(cfg)
+    objective, reward_fn, train_prompts, eval_prompts = preflight(cfg)
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
     minibatches = sample_cfg.batches_per_epoch * hw.sample_batch_size // hw.train_batch_size
     train_steps = max(1, int(sample_cfg.num_steps * algo.timestep_fraction))
@@ -191,7 +195,7 @@ def train(cfg: DictConfig) -> float:
     if accelerator.is_main_process:
         log.info("run folder: %s (%d process%s, %s)", run_dir, world, "es" if world > 1 else "", device)
 
-    # ---- 3. Model, reward, prompts, optimizer. Rewards load their weights now, never mid-run.
+    # ---- 3. Model and optimizer (reward, objective and prompts were built by the preflight).
     pipeline = models.load_pipeline(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed)
     vae, text_encoder, tokenizer, unet, scheduler = (
         pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, pipeline.scheduler)
@@ -209,9 +213,6 @@ def train(cfg: DictConfig) -> float:
         unet.to(device).requires_grad_(True)
     if hw.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reward_fn = build(cfg.reward.fn, "reward.fn")
-    objective = build(cfg.algorithm.objective, "algorithm.objective")
-    train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     params = list(models.trainable_parameters(unet).values())
     optimizer = torch.optim.AdamW(
         params, lr=algo.learning_rate, betas=(algo.adam_beta1, algo.adam_beta2),
