@@ -16,11 +16,17 @@ FAST = ["hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.b
         "sample.num_steps=6", "eval.every=0", "progress=false"]
 
 
+def run_train(root: Path, *args: str, launcher: tuple[str, ...] = (sys.executable,),
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`<launcher> -m rlfuse.train run_root=<root> <args>` in a fresh process, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*launcher, "-m", "rlfuse.train", f"run_root={root}", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
 def train(root: Path, *overrides: str) -> Path:
     """Run `python -m rlfuse.train` in a fresh process; return its run folder."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "rlfuse.train", f"run_root={root}", *overrides],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = run_train(root, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = sorted(p.parent.parent for p in root.glob("**/.hydra/config.yaml"))
     assert folders, "no run folder was made"
@@ -98,9 +104,7 @@ def test_run_resumed_from_its_middle_ends_with_the_same_weights(tmp_path):
 
 def test_resume_of_a_folder_with_another_config_is_refused(tmp_path):
     run_dir = train(tmp_path, *FAST, "epochs=1")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "rlfuse.train", f"run_root={tmp_path}", *FAST, "epochs=2",
-                             "seed=5", f"resume={run_dir}"], capture_output=True, text=True, env=env, timeout=300)
+    result = run_train(tmp_path, *FAST, "epochs=2", "seed=5", f"resume={run_dir}")
     assert result.returncode == 2 and "seed differ" in result.stderr, result.stderr
 
 
@@ -129,12 +133,10 @@ def test_a_pipeline_folder_trains_through_model_pretrained(tmp_path, tiny_pipeli
 
 
 def test_two_cpu_processes_share_one_run_folder(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlfuse.train", f"run_root={tmp_path}",
-         *FAST, "epochs=1"], capture_output=True, text=True, env=env, timeout=600)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = run_train(tmp_path, *FAST, "epochs=1", env={"ACCELERATE_USE_CPU": "true"}, launcher=(
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no"))
     assert result.returncode == 0, result.stderr[-3000:]
     folders = list(tmp_path.glob("**/.hydra"))
     assert len(folders) == 1, "rank 0 owns the only run folder"
@@ -143,9 +145,7 @@ def test_two_cpu_processes_share_one_run_folder(tmp_path):
 
 
 def test_a_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "rlfuse.train", "-m", "seed=0,1", f"run_root={tmp_path}",
-                             *FAST, "epochs=1"], capture_output=True, text=True, env=env, timeout=600)
+    result = run_train(tmp_path, "-m", "seed=0,1", *FAST, "epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     folders = sorted(p.parent for p in tmp_path.glob("multirun/**/metrics.jsonl"))
     assert [p.name for p in folders] == ["0_ddpo_jpeg_tiny", "1_ddpo_jpeg_tiny"]
