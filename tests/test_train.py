@@ -18,9 +18,10 @@ FAST = ["hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.b
 
 def run_train(root: Path, *args: str, launcher: tuple[str, ...] = (sys.executable,),
               env: dict | None = None) -> subprocess.CompletedProcess:
-    """`<launcher> -m rlfuse.train run_root=<root> <args>` in a fresh process, offline."""
+    """`<launcher> -m rlfuse.train <args> run_root=<root>` in a fresh process, offline (args may
+    start with Hydra's flags, such as -m, which must come before the overrides)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([*launcher, "-m", "rlfuse.train", f"run_root={root}", *args],
+    return subprocess.run([*launcher, "-m", "rlfuse.train", *args, f"run_root={root}"],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
