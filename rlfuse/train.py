@@ -128,6 +128,11 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
     objective = build(cfg.algorithm.objective, "algorithm.objective")
     reward_fn = build(cfg.reward.fn, "reward.fn")
+    if hasattr(reward_fn, "check_prompts"):  # rewards that only understand some prompts (reward=shapes)
+        try:
+            reward_fn.check_prompts(train_prompts + eval_prompts)
+        except ValueError as error:
+            raise UserError(f"reward={cfg.reward.name} with prompts={cfg.prompts.name}: {error}") from None
     return objective, reward_fn, train_prompts, eval_prompts
 
 
@@ -148,6 +153,19 @@ def startup_overrides(cfg: DictConfig) -> list[str]:
     preflight(cfg)
     folder = find_resume_folder(cfg)
     return [f"hydra.run.dir={folder.resolve()}"] if folder is not None else []
+
+
+def reward_details(reward_fn, count: int) -> dict[str, list[float]]:
+    """Per-criterion or per-term scores of the reward's last call ({name: count floats}; NaN where a
+    criterion does not apply), for rewards that report them (`last_details`); else {}."""
+    details = getattr(reward_fn, "last_details", None) or {}
+    return {name: [float(v) for v in values[:count]] for name, values in details.items()} if count else {}
+
+
+def nanmean(values: list[float]) -> float:
+    """Mean over the values that are not NaN (NaN if none are)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -250,14 +268,17 @@ def train(cfg: DictConfig) -> float:
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])
             rewards = reward_fn(images, prompts).float().cpu()
+        details = reward_details(reward_fn, len(prompts))
         all_rewards = gather_object(rewards.tolist())
+        all_details = {name: gather_object(values) for name, values in details.items()}
         all_images = gather_object(list(images.cpu()))
         if accelerator.is_main_process:
             grid = make_grid(torch.stack(all_images), nrow=int(math.ceil(len(all_images) ** 0.5)))
             (run_dir / "eval").mkdir(exist_ok=True)
             save_image(grid, run_dir / "eval" / f"epoch_{epoch:04d}.png")
             writer.add_image("eval/images", grid, epoch)
-        return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards))}
+        return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards)),
+                **{f"eval_reward_{name}": nanmean(values) for name, values in all_details.items()}}
 
     # ---- 4. Resume: weights, optimizer (and fp16 loss scale), algorithm state, RNG, epoch.
     first_epoch = 1
@@ -303,7 +324,7 @@ def train(cfg: DictConfig) -> float:
         # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
         unet.eval()
         prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
-        batches = []
+        batches, epoch_details = [], {}
         for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
             groups = hw.sample_batch_size // sample_cfg.images_per_prompt
             prompts = [p for p in draw_prompts(train_prompts, groups, prompt_rng) for _ in range(sample_cfg.images_per_prompt)]
@@ -314,6 +335,8 @@ def train(cfg: DictConfig) -> float:
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
             rewards = reward_fn(images, prompts).to(device).float()        # (B,)
+            for name, values in reward_details(reward_fn, len(prompts)).items():
+                epoch_details.setdefault(name, []).extend(values)
             # clone(): copies made outside inference mode, since inference tensors cannot be saved for backward.
             batches.append(Trajectories(
                 prompt_embeds=prompt_embeds.clone(), negative_embeds=negative_embeds.clone(),
@@ -327,6 +350,7 @@ def train(cfg: DictConfig) -> float:
         # ---- 6. Advantages over the batch of all processes; each process keeps its own slice.
         all_rewards = accelerator.gather(samples.rewards)                   # (P * N,) in rank order
         all_prompts = gather_object(samples.prompts)
+        all_details = {name: gather_object(values) for name, values in sorted(epoch_details.items())}
         if not torch.isfinite(all_rewards).all():
             raise UserError(f"epoch {epoch}: the reward returned NaN or Inf; check the reward function")
         advantages = objective.advantages(all_prompts, all_rewards.cpu())
@@ -378,6 +402,7 @@ def train(cfg: DictConfig) -> float:
             "epoch": epoch,
             "reward_mean": all_rewards.float().mean().item(),
             "reward_std": all_rewards.float().std(unbiased=False).item(),
+            **{f"reward_{name}": nanmean(values) for name, values in all_details.items()},
             **train_stats,
             "samples": len(all_rewards),
             "samples_per_s": len(all_rewards) / sample_seconds,

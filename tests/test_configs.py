@@ -68,9 +68,10 @@ def run_cli(*args):
     (["prompts=file"], "prompts.train: required but not set"),
     (["sample.num_steps=${nope}"], "Interpolation key 'nope' not found"),
     (["sample.batches_per_epoch=0"], "must be >= 1"),
-    (["reward.fn.objective=compresibility"], "reward.fn: objective='compresibility'"),
+    (["reward=jpeg", "prompts=simple_animals", "reward.fn.objective=compresibility"], "reward.fn: objective='compresibility'"),
     (["algorithm.learning_rate=interval(1e-5,1e-3)"], "an interval needs a sweeper"),
     (["resume=/no/such/run"], "not a run folder"),
+    (["reward=shapes", "prompts=simple_animals"], "outside the shapes grammar"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")

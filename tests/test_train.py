@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# Small, fast epochs: 8 samples of 6 steps, half the steps trained, no evaluation images.
-FAST = ["hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.batches_per_epoch=2",
+# The tiny random pipeline with the jpeg reward (the default run is model=toy reward=shapes).
+TINY = ["model=tiny", "reward=jpeg", "prompts=simple_animals"]
+# Small, fast epochs on it: 8 samples of 6 steps, no evaluation images.
+FAST = [*TINY, "hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.batches_per_epoch=2",
         "sample.num_steps=6", "eval.every=0", "progress=false"]
 
 
@@ -51,7 +53,7 @@ def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
 
 def test_policy_unchanged_under_bf16_still_gives_ratio_one(tmp_path):
     """Mixed precision must not make sampling and training score a transition differently."""
-    run_dir = train(tmp_path, "hardware.mixed_precision=bf16", "hardware.sample_batch_size=2",
+    run_dir = train(tmp_path, *TINY, "hardware.mixed_precision=bf16", "hardware.sample_batch_size=2",
                     "hardware.train_batch_size=2", "sample.batches_per_epoch=2", "sample.num_steps=3",
                     "eval.every=0", "log.images_every=0", "progress=false", "epochs=1",
                     "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0")
@@ -154,5 +156,5 @@ def test_a_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
 
 
 def test_the_shipped_toy_model_trains_through_the_loop(tmp_path):
-    run_dir = train(tmp_path, *FAST, "epochs=1", "model=toy")
+    run_dir = train(tmp_path, *FAST, "epochs=1", "model=toy", "reward=shapes", "prompts=shapes")
     assert (run_dir / "checkpoints" / "epoch_000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -59,6 +59,14 @@ class ShapesReward:
         self.min_area_fraction = min_area_fraction
         self.last_details: dict[str, torch.Tensor] = {}
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError (one line, naming the first bad prompt) if any prompt is outside the grammar.
+
+        The loop calls this at start-up so that a wrong prompt list stops a run before any sampling.
+        """
+        for prompt in prompts:
+            parse_prompt(prompt)
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
