@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from rlfuse.algorithms.ddpo import DDPO  # noqa: E402
 from rlfuse.model import add_lora, build_tiny_pipeline, trainable_parameters  # noqa: E402
-from rlfuse.sampling import encode_prompts, sample_trajectories, transition_log_prob  # noqa: E402
+from rlfuse.sampling import Policy, encode_prompts, sample_trajectories  # noqa: E402
 from rlfuse.trajectories import Trajectories  # noqa: E402
 
 CONFIG = {"batch_size": 8, "num_steps": 10, "guidance_scale": 5.0, "eta": 1.0, "resolution": 32,
@@ -57,6 +57,7 @@ def main() -> None:
     prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, ["a cat"] * CONFIG["batch_size"], "cpu")
     negative_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], "cpu").expand_as(prompt_embeds)
 
+    policy = Policy(pipeline.unet, pipeline.scheduler, CONFIG["guidance_scale"], CONFIG["eta"])
     samples = sample_batch(pipeline, prompt_embeds, negative_embeds, seed=0)  # warm-up
     sampling, training = [], []
     for repeat in range(args.repeats):
@@ -70,9 +71,7 @@ def main() -> None:
             batch = samples[rows]
             for step in range(samples.num_steps):
                 step_index = torch.full((len(batch),), step)
-                log_probs = transition_log_prob(pipeline.unet, pipeline.scheduler, batch, step_index,
-                                                CONFIG["guidance_scale"], CONFIG["eta"])
-                loss, _ = objective.loss(log_probs, batch.log_probs[:, step], batch.advantages)
+                loss, _ = objective.loss(policy, batch, step_index)
                 loss.backward()
                 transitions += len(batch)
             optimizer.step()

@@ -58,3 +58,25 @@ def normalize_batch(rewards: torch.Tensor) -> torch.Tensor:
     """(B,) advantages (r - mean) / (std + eps) over the whole (all-process) batch."""
     rewards = rewards.double()
     return ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + EPS)).float()
+
+
+def pair_preferences(rewards: torch.Tensor) -> torch.Tensor:
+    """Winner and loser of each pair of trajectories: rows 2i and 2i+1 are a pair (same prompt, same
+    initial noise, as D3PO samples them).
+
+    Args:
+        rewards: (B,) one reward per trajectory, or (B, R) several reward terms. With several terms
+            the winner must Pareto-dominate: at least as good on every term and better on one
+            (D3PO with several objectives); a pair where neither dominates counts as a tie.
+    Returns:
+        (B,) float signs: +1 for the winner, -1 for the loser, 0 for both trajectories of a tie.
+    """
+    if rewards.ndim == 1:
+        rewards = rewards[:, None]
+    if rewards.shape[0] % 2:
+        raise ValueError(f"pairs need an even number of trajectories, got {rewards.shape[0]}")
+    first, second = rewards[0::2], rewards[1::2]                             # (P, R) each
+    first_wins = (first >= second).all(dim=1) & (first > second).any(dim=1)  # (P,)
+    second_wins = (second >= first).all(dim=1) & (second > first).any(dim=1)
+    sign = first_wins.float() - second_wins.float()                          # (P,) +1, -1 or 0
+    return torch.stack([sign, -sign], dim=1).reshape(-1)

@@ -187,6 +187,40 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
         unet.enable_adapters()
 
 
+class ReferencePolicy:
+    """The base model that D3PO and DPOK compare the policy with, as a context yielding a network.
+
+    With LoRA it is the policy's own UNet with its adapters switched off: no second network in memory
+    (torchtune's LoRA DPO recipe does the same). With full fine-tuning it is a frozen copy of the
+    UNet taken when this is built (before training or loading a checkpoint), optionally kept on the
+    CPU and streamed to the device layer by layer by accelerate's cpu_offload (slower, no device memory).
+
+    Call it inside the loop: `with reference() as unet: unet(...)`; it runs under no_grad.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, finetune: str, device: torch.device, offload: bool = False):
+        self.shares_weights = finetune == "lora"
+        if self.shares_weights:
+            self.unet = unet
+            return
+        frozen = UNet2DConditionModel.from_config(unet.config)
+        frozen.load_state_dict(unet.state_dict())
+        frozen.requires_grad_(False).eval()
+        frozen.to(dtype=next(unet.parameters()).dtype)
+        if offload and device.type != "cpu":
+            from accelerate import cpu_offload
+
+            cpu_offload(frozen, execution_device=device)
+        else:
+            frozen.to(device)
+        self.unet = frozen
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[UNet2DConditionModel]:
+        with torch.no_grad(), (adapters_disabled(self.unet) if self.shares_weights else contextlib.nullcontext()):
+            yield self.unet
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -10,6 +10,10 @@ never disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
@@ -28,45 +32,31 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_step_with_logprob(
+class Transition(NamedTuple):
+    """The Gaussian p(x_{t-1} | x_t) = N(mean, std^2 I) of one DDIM step of B samples.
+
+    mean: (B, C, H, W) in at least fp32; std: (B, 1, 1, 1) or a scalar tensor, eta * sigma_t.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def ddim_transition(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
     sample: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under the step's Gaussian.
-
-    Follows DDIMScheduler.step (Song et al. 2021, eq. 12) with std_t = eta * sigma_t, where
-    sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) and a = alphas_cumprod; the last step
-    uses the scheduler's final_alpha_cumprod. Supports epsilon, v_prediction and sample outputs.
-
-    Args:
-        scheduler: a DDIMScheduler on which set_timesteps has been called.
-        model_output: (B, C, H, W) the (guided) network prediction at x_t.
-        timestep: the current timestep, an int, a 0-d tensor, or a (B,) tensor (one per sample).
-        sample: (B, C, H, W) x_t.
-        eta: noise scale; 0 is deterministic DDIM, 1 is DDPM-like.
-        prev_sample: (B, C, H, W) a recorded x_{t-1} to score instead of drawing a new one.
-        generator: torch generator(s) for the noise (one per sample, or one for the batch).
-
-    Returns:
-        prev_sample: (B, C, H, W) x_{t-1}, drawn or the one given.
-        log_prob: (B,) the Gaussian log-density of prev_sample, averaged over C, H, W (the
-            convention of the DDPO and D3PO reference code, which their hyperparameters assume).
-            prev_sample is detached inside the density, so gradients flow through the mean only.
-            Where the step is deterministic (std 0: eta = 0, or the final step of a scheduler with
-            set_alpha_to_one) the density is undefined and log_prob is 0, which gives no gradient.
-    """
+) -> Transition:
+    """The mean and std of the DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12), computed in at
+    least fp32; see ddim_step_with_logprob for the arguments."""
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.set_timesteps(num_steps) must be called before stepping")
     # The step runs in at least fp32 whatever the model's precision: sampling and training must score
     # a transition identically, or PPO ratios drift from 1 before any update (fp16 rounding of the
     # coefficients alone moves them by 1e-3, ten times DDPO's clip range).
-    storage_dtype = sample.dtype
-    compute_dtype = torch.promote_types(storage_dtype, torch.float32)
+    compute_dtype = torch.promote_types(sample.dtype, torch.float32)
     sample, model_output = sample.to(compute_dtype), model_output.to(compute_dtype)
     config = scheduler.config
     timestep = torch.as_tensor(timestep, device=sample.device).long()
@@ -106,23 +96,64 @@ def ddim_step_with_logprob(
 
     # Eq. 12 of the DDIM paper: the mean of x_{t-1}.
     direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * pred_epsilon
-    prev_mean = a_prev.sqrt() * pred_original + direction
+    return Transition(a_prev.sqrt() * pred_original + direction, std)
 
-    if prev_sample is None:
-        noise = _randn_like(sample, generator)
-        # Score the value that will be stored (rounded to the storage dtype), not the unrounded draw.
-        prev_sample = (prev_mean + std * noise).to(storage_dtype)
-    prev_sample = prev_sample.to(compute_dtype)
 
-    # Gaussian log-density, per element, then averaged over all non-batch dimensions.
+def gaussian_log_prob(value: torch.Tensor, transition: Transition) -> torch.Tensor:
+    """(B,) log N(value; mean, std^2 I) per element, averaged over all non-batch dimensions.
+
+    value is detached: gradients flow through the mean only. Where std is 0 (a deterministic step)
+    the density is undefined and the result is 0, which gives no gradient.
+    """
+    mean, std = transition
     deterministic = std == 0
     safe_std = torch.where(deterministic, torch.ones_like(std), std)
     log_density = (
-        -((prev_sample.detach() - prev_mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI
+        -((value.detach().to(mean.dtype) - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - LOG_SQRT_2PI
     )
     log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
-    log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
-    return prev_sample.to(storage_dtype), log_prob
+    return log_density.mean(dim=tuple(range(1, mean.ndim)))
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and the log-density of x_{t-1} under the step's Gaussian.
+
+    Follows DDIMScheduler.step (Song et al. 2021, eq. 12) with std_t = eta * sigma_t, where
+    sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) and a = alphas_cumprod; the last step
+    uses the scheduler's final_alpha_cumprod. Supports epsilon, v_prediction and sample outputs.
+
+    Args:
+        scheduler: a DDIMScheduler on which set_timesteps has been called.
+        model_output: (B, C, H, W) the (guided) network prediction at x_t.
+        timestep: the current timestep, an int, a 0-d tensor, or a (B,) tensor (one per sample).
+        sample: (B, C, H, W) x_t.
+        eta: noise scale; 0 is deterministic DDIM, 1 is DDPM-like.
+        prev_sample: (B, C, H, W) a recorded x_{t-1} to score instead of drawing a new one.
+        generator: torch generator(s) for the noise (one per sample, or one for the batch).
+
+    Returns:
+        prev_sample: (B, C, H, W) x_{t-1}, drawn or the one given.
+        log_prob: (B,) the Gaussian log-density of prev_sample, averaged over C, H, W (the
+            convention of the DDPO and D3PO reference code, which their hyperparameters assume).
+            prev_sample is detached inside the density, so gradients flow through the mean only.
+            Where the step is deterministic (std 0: eta = 0, or the final step of a scheduler with
+            set_alpha_to_one) the density is undefined and log_prob is 0, which gives no gradient.
+    """
+    storage_dtype = sample.dtype
+    transition = ddim_transition(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        noise = _randn_like(transition.mean, generator)
+        # Score the value that will be stored (rounded to the storage dtype), not the unrounded draw.
+        prev_sample = (transition.mean + transition.std * noise).to(storage_dtype)
+    return prev_sample.to(storage_dtype), gaussian_log_prob(prev_sample, transition)
 
 
 def _randn_like(sample: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
@@ -207,25 +238,41 @@ def sample_trajectories(
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), timesteps
 
 
-def transition_log_prob(
-    unet: torch.nn.Module,
-    scheduler: DDIMScheduler,
-    batch: Trajectories,
-    step_index: torch.Tensor,
-    guidance_scale: float,
-    eta: float,
-) -> torch.Tensor:
-    """(B,) log p_theta(x_{t-1} | x_t) of recorded transitions, with gradients through the network.
+@dataclass
+class Policy:
+    """The network being trained, seen as a policy over denoising steps, beside its reference policy.
 
-    step_index: (B,) which recorded step of each trajectory to score.
+    unet: the trained network (possibly wrapped for data parallelism); reference: a context that
+    yields the reference network (the base model) under no_grad, or None when the algorithm needs
+    none (rlfuse.model.ReferencePolicy). guidance_scale and eta are the sampler's, so that training
+    scores each recorded transition exactly as sampling drew it.
     """
-    rows = torch.arange(len(batch), device=step_index.device)
-    latents = batch.latents[rows, step_index]
-    next_latents = batch.next_latents[rows, step_index]
-    timesteps = batch.timesteps[rows, step_index]
-    model_input = scheduler.scale_model_input(latents, timesteps)
-    noise_pred = guided_noise_prediction(
-        unet, model_input, timesteps, batch.prompt_embeds, batch.negative_embeds, guidance_scale
-    )
-    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta=eta, prev_sample=next_latents)
-    return log_prob
+
+    unet: torch.nn.Module
+    scheduler: DDIMScheduler
+    guidance_scale: float
+    eta: float
+    reference: Callable[[], AbstractContextManager[torch.nn.Module]] | None = None
+
+    def transition(self, batch: Trajectories, step_index: torch.Tensor, reference: bool = False) -> Transition:
+        """The Gaussian of recorded step `step_index` (B,) of each trajectory, under the policy (with
+        gradients) or, with reference=True, under the reference policy (without)."""
+        rows = torch.arange(len(batch), device=step_index.device)
+        latents = batch.latents[rows, step_index]
+        timesteps = batch.timesteps[rows, step_index]
+        model_input = self.scheduler.scale_model_input(latents, timesteps)
+        if reference:
+            if self.reference is None:
+                raise ValueError("this policy was built without a reference policy")
+            with self.reference() as reference_unet:
+                noise_pred = guided_noise_prediction(reference_unet, model_input, timesteps, batch.prompt_embeds,
+                                                     batch.negative_embeds, self.guidance_scale)
+        else:
+            noise_pred = guided_noise_prediction(self.unet, model_input, timesteps, batch.prompt_embeds,
+                                                 batch.negative_embeds, self.guidance_scale)
+        return ddim_transition(self.scheduler, noise_pred, timesteps, latents, self.eta)
+
+    def log_prob(self, batch: Trajectories, step_index: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """(B,) log p(x_{t-1} | x_t) of the recorded transitions at `step_index` (see transition)."""
+        rows = torch.arange(len(batch), device=step_index.device)
+        return gaussian_log_prob(batch.next_latents[rows, step_index], self.transition(batch, step_index, reference))

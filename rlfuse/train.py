@@ -127,6 +127,16 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
     objective = build(cfg.algorithm.objective, "algorithm.objective")
+    if objective.pairs:  # D3PO: rows 2i, 2i+1 are two images of one prompt from the same noise
+        check(sample_cfg.images_per_prompt % 2 == 0 and sample_cfg.same_noise_per_prompt,
+              f"algorithm={cfg.algorithm.name} trains on pairs of images of one prompt from the same initial noise: "
+              f"set sample.images_per_prompt to an even number and sample.same_noise_per_prompt=true")
+        check(hw.train_batch_size % 2 == 0,
+              f"hardware.train_batch_size={hw.train_batch_size}: algorithm={cfg.algorithm.name} needs an even "
+              f"minibatch (whole pairs)")
+    if getattr(objective, "single_update", False):
+        check(algo.inner_epochs == 1, f"algorithm.inner_epochs={algo.inner_epochs}: the score-function estimator "
+                                      f"takes one step per sampling round; set algorithm.inner_epochs=1")
     reward_fn = build(cfg.reward.fn, "reward.fn")
     if hasattr(reward_fn, "check_prompts"):  # rewards that only understand some prompts (reward=shapes)
         try:
@@ -187,7 +197,7 @@ def train(cfg: DictConfig) -> float:
 
     from rlfuse import checkpoint, model as models
     from rlfuse.prompts import draw_prompts
-    from rlfuse.sampling import encode_prompts, sample_trajectories, transition_log_prob
+    from rlfuse.sampling import Policy, encode_prompts, sample_trajectories
     from rlfuse.trajectories import Trajectories
 
     # ---- 1. Check what composition cannot check (again: sweeps change values per job).
@@ -195,12 +205,14 @@ def train(cfg: DictConfig) -> float:
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
     minibatches = sample_cfg.batches_per_epoch * hw.sample_batch_size // hw.train_batch_size
     train_steps = max(1, int(sample_cfg.num_steps * algo.timestep_fraction))
+    # The score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round.
+    accumulation = minibatches if getattr(objective, "single_update", False) else algo.gradient_accumulation_steps
 
     # ---- 2. Processes and the run folder (rank 0 owns it and tells the others).
     accelerator = Accelerator(
         cpu=hw.cpu, mixed_precision=hw.mixed_precision,
-        # One optimizer step per `gradient_accumulation_steps` minibatches, each of `train_steps` timesteps.
-        gradient_accumulation_steps=algo.gradient_accumulation_steps * train_steps,
+        # One optimizer step per `accumulation` minibatches, each of `train_steps` timesteps.
+        gradient_accumulation_steps=accumulation * train_steps,
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = [HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None]
@@ -231,12 +243,17 @@ def train(cfg: DictConfig) -> float:
         unet.to(device).requires_grad_(True)
     if hw.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    # The base model, for algorithms that regularise towards it (D3PO, DPOK): taken before any
+    # training or checkpoint loading; with LoRA the same UNet with adapters off, never a copy.
+    reference = models.ReferencePolicy(unet, cfg.model.finetune, device, algo.get("reference_offload", False)) \
+        if objective.needs_reference else None
     params = list(models.trainable_parameters(unet).values())
     optimizer = torch.optim.AdamW(
         params, lr=algo.learning_rate, betas=(algo.adam_beta1, algo.adam_beta2),
         weight_decay=algo.adam_weight_decay, eps=algo.adam_epsilon,
     )
     unet_trained, optimizer = accelerator.prepare(unet, optimizer)
+    policy = Policy(unet_trained, scheduler, sample_cfg.guidance_scale, sample_cfg.eta, reference)
     negative_embed = encode_prompts(tokenizer, text_encoder, [""], device)  # (1, L, D)
     latent_shape = (unet.config.in_channels, cfg.model.resolution // pipeline.vae_scale_factor,
                     cfg.model.resolution // pipeline.vae_scale_factor)
@@ -353,41 +370,44 @@ def train(cfg: DictConfig) -> float:
         all_details = {name: gather_object(values) for name, values in sorted(epoch_details.items())}
         if not torch.isfinite(all_rewards).all():
             raise UserError(f"epoch {epoch}: the reward returned NaN or Inf; check the reward function")
-        advantages = objective.advantages(all_prompts, all_rewards.cpu())
+        # Advantages (DDPO, DPOK), preference signs of pairs (D3PO) or weights (RWR), per sample.
+        advantages, advantage_stats = objective.advantages(all_prompts, all_rewards.cpu())
         samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
 
-        # ---- 7. Train: PPO epochs over shuffled minibatches, on a random subset of each trajectory's steps.
+        # ---- 7. Train: epochs over shuffled minibatches, on a random subset of each trajectory's steps.
         train_start = time.perf_counter()
         unet.train()
         shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, rank, 3))
-        stats_sum: dict[str, torch.Tensor] = {}
+        stats_sum: dict[str, torch.Tensor] = {}    # name -> sum over micro-steps (NaN entries skipped)
+        stats_count: dict[str, torch.Tensor] = {}
         micro_steps = 0
+        unit = 2 if objective.pairs else 1           # pairs (rows 2i, 2i+1) stay together, on the same steps
         for inner in range(algo.inner_epochs):
-            order = torch.randperm(len(samples), generator=shuffle)
-            # (N, T) an independent permutation of the steps of each trajectory; the first
-            # `train_steps` columns are the steps trained on.
-            step_order = torch.stack([torch.randperm(samples.num_steps, generator=shuffle) for _ in range(len(samples))])
+            order = torch.randperm(len(samples) // unit, generator=shuffle)
+            # (N / unit, T) an independent permutation of the steps of each trajectory (or pair); the
+            # first `train_steps` columns are the steps trained on.
+            step_order = torch.stack([torch.randperm(samples.num_steps, generator=shuffle) for _ in range(len(order))])
             bar = tqdm(total=minibatches * train_steps, desc=f"epoch {epoch} train {inner + 1}/{algo.inner_epochs}",
                        disable=not show, leave=False)
-            for start in range(0, len(samples), hw.train_batch_size):
-                rows = order[start:start + hw.train_batch_size]
+            for start in range(0, len(order), hw.train_batch_size // unit):
+                units = order[start:start + hw.train_batch_size // unit]
+                rows = (units[:, None] * unit + torch.arange(unit)).reshape(-1)   # (b,) pairs adjacent
                 batch = samples[rows.to(samples.rewards.device)]
-                batch_steps = step_order[rows, :train_steps].to(device)    # (b, train_steps)
+                batch_steps = step_order[units, :train_steps].repeat_interleave(unit, dim=0).to(device)  # (b, train_steps)
                 for j in range(train_steps):
-                    step_index = batch_steps[:, j]
                     with accelerator.accumulate(unet_trained):
                         with accelerator.autocast():
-                            log_probs = transition_log_prob(
-                                unet_trained, scheduler, batch, step_index, sample_cfg.guidance_scale, sample_cfg.eta)
-                        old_log_probs = batch.log_probs[torch.arange(len(batch), device=device), step_index]
-                        loss, stats = objective.loss(log_probs, old_log_probs, batch.advantages)
+                            loss, stats = objective.loss(policy, batch, batch_steps[:, j])
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(params, algo.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
-                    for name, value in {"loss": loss.detach(), **stats}.items():
-                        stats_sum[name] = stats_sum.get(name, 0.0) + value.detach().float()  # no sync per step
+                    for name, value in {"loss": loss, **stats}.items():
+                        value = value.detach().float()     # no sync per step
+                        finite = ~torch.isnan(value)
+                        stats_sum[name] = stats_sum.get(name, 0.0) + torch.where(finite, value, 0.0)
+                        stats_count[name] = stats_count.get(name, 0.0) + finite.float()
                     micro_steps += 1
                     bar.update(1)
             bar.close()
@@ -395,14 +415,17 @@ def train(cfg: DictConfig) -> float:
 
         # ---- 8. Log: metrics.jsonl, TensorBoard, the one-line summary.
         names = sorted(stats_sum)
-        means = accelerator.reduce(torch.stack([stats_sum[n] for n in names]).to(device) / micro_steps, reduction="mean")
-        train_stats = dict(zip(names, means.tolist()))
+        sums = accelerator.reduce(torch.stack([stats_sum[n] for n in names]).to(device), reduction="sum")
+        counts = accelerator.reduce(torch.stack([stats_count[n] for n in names]).to(device), reduction="sum")
+        train_stats = {name: (total / count if count > 0 else math.nan)
+                       for name, total, count in zip(names, sums.tolist(), counts.tolist())}
         seconds = time.perf_counter() - epoch_start
         metrics = {
             "epoch": epoch,
             "reward_mean": all_rewards.float().mean().item(),
             "reward_std": all_rewards.float().std(unbiased=False).item(),
             **{f"reward_{name}": nanmean(values) for name, values in all_details.items()},
+            **advantage_stats,
             **train_stats,
             "samples": len(all_rewards),
             "samples_per_s": len(all_rewards) / sample_seconds,
@@ -428,9 +451,11 @@ def train(cfg: DictConfig) -> float:
                 (run_dir / "samples").mkdir(exist_ok=True)
                 save_image(grid, run_dir / "samples" / f"epoch_{epoch:04d}.png")
             writer.flush()
+            shown = [n for n in ("approx_kl", "clipfrac", "kl", "preference_accuracy", "reward_margin",
+                                 "weight_ess") if n in metrics]
             summary = (f"epoch {epoch}/{cfg.epochs} | reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}"
-                       f" | loss {metrics['loss']:.3g} | kl {metrics['approx_kl']:.2e} | clipfrac {metrics['clipfrac']:.3f}"
-                       f" | {metrics['seconds']:.1f}s")
+                       f" | loss {metrics['loss']:.4g} | " + " | ".join(f"{n} {metrics[n]:.3g}" for n in shown)
+                       + f" | {metrics['seconds']:.1f}s")
             if "eval_reward_mean" in metrics:
                 summary += f" | eval {metrics['eval_reward_mean']:.4f}"
             if show:

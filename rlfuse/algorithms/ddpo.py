@@ -9,6 +9,10 @@ current policy and the one that sampled:
 
 A is the same for every step of a trajectory: the final reward normalised per prompt (or over
 the batch). Defaults follow the reference implementation (kvablack/ddpo-pytorch config/base.py).
+
+The paper's other estimator, DDPO_SF (section 4.2), is the plain score function with no importance
+sampling: L = -E[A * log p_theta(x_{t-1} | x_t)], valid only for samples of the current policy, so
+it takes a single gradient step per sampling round (estimator="score_function").
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from __future__ import annotations
 import torch
 
 from rlfuse.advantages import PerPromptStatTracker, normalize_batch
+from rlfuse.sampling import Policy
+from rlfuse.trajectories import Trajectories
+
+ESTIMATORS = ("ppo", "score_function")
 
 
 def ppo_clipped_loss(
@@ -49,6 +57,19 @@ def ppo_clipped_loss(
     return loss, stats
 
 
+def score_function_loss(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO_SF: L = -mean(A * log p_theta), whose gradient is the REINFORCE estimate -A * grad log p.
+
+    Args as ppo_clipped_loss. The ratio to the sampling policy is reported (it is 1 on the first
+    and only gradient step), not used.
+    """
+    log_ratio = (log_probs - old_log_probs).detach()
+    loss = -(advantages * log_probs).mean()
+    return loss, {"approx_kl": 0.5 * (log_ratio**2).mean(), "ratio": torch.exp(log_ratio).mean()}
+
+
 class DDPO:
     """Advantages from rewards, and the per-step PPO loss.
 
@@ -59,7 +80,12 @@ class DDPO:
         advantages: "per_prompt" (running statistics per prompt) or "batch" (whole batch).
         buffer_size, min_count: per-prompt buffer length, and the count below which the batch
             statistics stand in for a prompt's own.
+        estimator: "ppo" (DDPO_IS, the clipped importance-sampled surrogate) or "score_function"
+            (DDPO_SF: one optimizer step per sampling round, over all of its samples).
     """
+
+    needs_reference = False  # DDPO compares the policy with the one that sampled, not the base model
+    pairs = False            # trajectories are trained on one by one
 
     def __init__(
         self,
@@ -68,24 +94,31 @@ class DDPO:
         advantages: str = "per_prompt",
         buffer_size: int = 16,
         min_count: int = 16,
+        estimator: str = "ppo",
     ):
         if advantages not in ("per_prompt", "batch"):
             raise ValueError(f"advantages={advantages!r}: use 'per_prompt' or 'batch'")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}: use one of {', '.join(ESTIMATORS)}")
+        self.estimator = estimator
+        self.single_update = estimator == "score_function"  # one optimizer step per sampling round
         self.clip_range = clip_range
         self.adv_clip_max = adv_clip_max
         self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if advantages == "per_prompt" else None
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        """(B,) advantages for the all-process batch; prompts has B entries, rewards is (B,)."""
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) advantages for the all-process batch (prompts: B strings, rewards: (B,)), and no diagnostics."""
         if self.stat_tracker is not None:
-            return self.stat_tracker.update(prompts, rewards)
-        return normalize_batch(rewards)
+            return self.stat_tracker.update(prompts, rewards), {}
+        return normalize_batch(rewards), {}
 
-    def loss(
-        self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-step loss on (B,) log-probs; see ppo_clipped_loss."""
-        advantages = torch.clamp(advantages, -self.adv_clip_max, self.adv_clip_max)
+    def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of recorded step `step_index` (b,) of each trajectory of the minibatch."""
+        log_probs = policy.log_prob(batch, step_index)                              # (b,) with gradients
+        old_log_probs = batch.log_probs[torch.arange(len(batch), device=step_index.device), step_index]
+        advantages = torch.clamp(batch.advantages, -self.adv_clip_max, self.adv_clip_max)
+        if self.estimator == "score_function":
+            return score_function_loss(log_probs, old_log_probs, advantages)
         return ppo_clipped_loss(log_probs, old_log_probs, advantages, self.clip_range)
 
     def state_dict(self) -> dict:

@@ -1,0 +1,204 @@
+"""DPOK: policy optimisation with KL regularisation (Fan et al., NeurIPS 2023, arXiv 2305.16381).
+
+Online policy gradient on the denoising chain, kept near the pretrained model by a KL penalty. The
+KL between the fine-tuned and the pretrained chains is bounded by the sum of per-step KLs (the
+paper's Lemma 4.2), and each step is a pair of Gaussians with the same std, so per step
+
+    KL_t = || mu_theta(x_t) - mu_ref(x_t) ||^2 / (2 std_t^2)
+
+rlfuse uses this exact KL, averaged over the latent dimensions like its log-probabilities. DPOK's
+code (google-research/dpok) penalises the squared difference of the two (guided) noise
+predictions instead, which is the same quantity up to a per-timestep factor: for epsilon
+prediction, mu_theta - mu_ref = c_t * (eps_theta - eps_ref) with
+c_t = sqrt(1 - a_prev - std_t^2) - sqrt(a_prev (1 - a_t) / a_t). The exact form weights each step
+by how much its noise prediction actually moves the sample, and has the scale of a KL.
+
+Per step, with the ratio to the sampling policy clamped as in DPOK's code (no gradient outside
+[1 - eps, 1 + eps]):
+
+    L = -reward_weight * A * clamp(p_theta / p_old, 1 - eps, 1 + eps) + kl_weight * KL_t
+
+A is the reward minus a baseline: per-prompt statistics, the batch mean and std, none (the raw
+reward, DPOK without a value function), or DPOK's learned value function V(x_t, t, c), trained
+beside the policy with a squared error to the final reward. Defaults from DPOK's train_online_pg.py:
+reward_weight 100, kl_weight 0.01, ratio clip 1e-4, value lr 1e-4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlfuse.advantages import PerPromptStatTracker, normalize_batch
+from rlfuse.sampling import Policy, Transition, gaussian_log_prob
+from rlfuse.trajectories import Trajectories
+
+BASELINES = ("per_prompt", "batch", "none", "value")
+
+
+def gaussian_kl(policy: Transition, reference: Transition) -> torch.Tensor:
+    """(B,) KL(N(mu_p, s^2 I) || N(mu_r, s^2 I)) per element, averaged over non-batch dimensions; the
+    two transitions share their std. 0 where the step is deterministic (std 0)."""
+    std = policy.std
+    safe_std = torch.where(std == 0, torch.ones_like(std), std)
+    kl = (policy.mean - reference.mean.detach()) ** 2 / (2 * safe_std**2)
+    kl = torch.where(std == 0, torch.zeros_like(kl), kl)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def dpok_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    kl: torch.Tensor,
+    reward_weight: float,
+    kl_weight: float,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPOK loss of one denoising step of B trajectories.
+
+    Args:
+        log_probs: (B,) log p_theta with gradients; old_log_probs: (B,) at sampling time.
+        advantages: (B,) reward minus baseline; kl: (B,) per-step KL to the reference, with gradients.
+    Returns:
+        loss and detached diagnostics: kl (mean per-step KL), policy_loss, ratio, clipfrac.
+    """
+    ratio = torch.exp(log_probs - old_log_probs)
+    clamped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    policy_loss = -(reward_weight * advantages * clamped).mean()
+    loss = policy_loss + kl_weight * kl.mean()
+    stats = {
+        "kl": kl.detach().mean(),
+        "policy_loss": policy_loss.detach(),
+        "ratio": ratio.detach().mean(),
+        "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean(),
+    }
+    return loss, stats
+
+
+class ValueNetwork(nn.Module):
+    """V(x_t, t, c): the expected final reward from a state of the chain (DPOK's value function).
+
+    Two strided convolutions over the latents, the prompt's mean text-encoder state and the
+    timestep, each mapped to `width` features, then a small MLP. Input shapes: latents (B, C, H, W),
+    timesteps (B,), prompt_embeds (B, L, D); output (B,).
+    """
+
+    def __init__(self, latent_channels: int, text_dim: int, width: int = 64):
+        super().__init__()
+        self.latents = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.text = nn.Linear(text_dim, width)
+        self.time = nn.Linear(1, width)
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(3 * width, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([
+            self.latents(latents.float()),
+            self.text(prompt_embeds.float().mean(dim=1)),
+            self.time(timesteps.float()[:, None] / 1000),
+        ], dim=1)
+        return self.head(features).squeeze(1)
+
+
+class DPOK:
+    """Advantages from rewards (or a learned value function), and the per-step DPOK loss.
+
+    Args:
+        reward_weight, kl_weight: weights of the policy-gradient term and of the per-step KL.
+        clip_range: eps of the clamp on the ratio to the sampling policy.
+        baseline: "per_prompt", "batch", "none" or "value" (a learned V(x_t, t, c)).
+        buffer_size, min_count: per-prompt statistics (baseline=per_prompt), as in DDPO.
+        value_learning_rate, value_width, value_seed: the value function's AdamW lr, width, and the
+            seed of its initial weights (baseline=value).
+    """
+
+    needs_reference = True
+    pairs = False
+
+    def __init__(self, reward_weight: float = 100.0, kl_weight: float = 0.01, clip_range: float = 1e-4,
+                 baseline: str = "per_prompt", buffer_size: int = 16, min_count: int = 16,
+                 value_learning_rate: float = 1e-4, value_width: int = 64, value_seed: int = 0):
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline={baseline!r}: use one of {', '.join(BASELINES)}")
+        self.reward_weight, self.kl_weight, self.clip_range = reward_weight, kl_weight, clip_range
+        self.baseline = baseline
+        self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if baseline == "per_prompt" else None
+        self.value_learning_rate, self.value_width, self.value_seed = value_learning_rate, value_width, value_seed
+        self.value: ValueNetwork | None = None  # built on the first minibatch, when its shapes are known
+        self.value_optimizer: torch.optim.Optimizer | None = None
+        self._pending_value_state: dict | None = None
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) advantages for the all-process batch; with baseline=value, the raw rewards (the value
+        is subtracted per step in the loss)."""
+        if self.stat_tracker is not None:
+            return self.stat_tracker.update(prompts, rewards), {}
+        if self.baseline == "batch":
+            return normalize_batch(rewards), {}
+        return rewards.float(), {}
+
+    def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        rows = torch.arange(len(batch), device=step_index.device)
+        transition = policy.transition(batch, step_index)
+        reference = policy.transition(batch, step_index, reference=True)
+        log_probs = gaussian_log_prob(batch.next_latents[rows, step_index], transition)  # (b,)
+        old_log_probs = batch.log_probs[rows, step_index]
+        advantages, value_stats = batch.advantages, {}
+        if self.baseline == "value":
+            values, value_stats = self._value_step(batch, rows, step_index)
+            advantages = batch.advantages - values
+        loss, stats = dpok_loss(log_probs, old_log_probs, advantages, gaussian_kl(transition, reference),
+                                self.reward_weight, self.kl_weight, self.clip_range)
+        return loss, {**stats, **value_stats}
+
+    def _value_step(self, batch: Trajectories, rows: torch.Tensor, step_index: torch.Tensor):
+        """Predict V(x_t, t, c) for the minibatch (returned detached), and take one AdamW step on its
+        squared error to the final rewards; gradients are averaged over processes."""
+        latents = batch.latents[rows, step_index]
+        timesteps = batch.timesteps[rows, step_index]
+        if self.value is None:
+            self._build_value(latents.shape[1], batch.prompt_embeds.shape[-1], latents.device)
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            values = self.value(latents, timesteps, batch.prompt_embeds)
+            value_loss = F.mse_loss(values, batch.advantages.float())
+        self.value_optimizer.zero_grad()
+        value_loss.backward()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for parameter in self.value.parameters():
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world
+        self.value_optimizer.step()
+        return values.detach(), {"value_loss": value_loss.detach()}
+
+    def _build_value(self, latent_channels: int, text_dim: int, device: torch.device) -> None:
+        # Own seed: building the network must not move the global generator (exact resume).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.value_seed)
+            self.value = ValueNetwork(latent_channels, text_dim, self.value_width).to(device)
+        self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=self.value_learning_rate)
+        if self._pending_value_state is not None:
+            self.value.load_state_dict(self._pending_value_state["weights"])
+            self.value_optimizer.load_state_dict(self._pending_value_state["optimizer"])
+            self._pending_value_state = None
+
+    def state_dict(self) -> dict:
+        value = None
+        if self.value is not None:
+            value = {"weights": {k: v.cpu() for k, v in self.value.state_dict().items()},
+                     "optimizer": self.value_optimizer.state_dict()}
+        elif self._pending_value_state is not None:
+            value = self._pending_value_state
+        return {"stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None, "value": value}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stat_tracker is not None and state.get("stat_tracker") is not None:
+            self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self._pending_value_state = state.get("value")
+        self.value = self.value_optimizer = None
+
