@@ -3,8 +3,8 @@
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from rlfuse.model import (add_lora, adapters_disabled, build_tiny_pipeline, export_lora, export_pipeline,
-                          load_pipeline, trainable_parameters, write_clip_tokenizer_files)
+from rlfuse.model import (ReferencePolicy, add_lora, adapters_disabled, build_tiny_pipeline, export_lora,
+                          export_pipeline, load_pipeline, trainable_parameters, write_clip_tokenizer_files)
 
 
 def unet_output(unet, seed=0):
@@ -61,6 +61,32 @@ def test_lora_starts_equal_to_base_and_reference_is_adapters_off():
     # The reference policy costs only the adapters, never a second UNet.
     total_after = sum(p.numel() for p in pipeline.unet.parameters())
     assert total_after - total_before == sum(p.numel() for p in trainable.values()) < 0.5 * total_before
+
+
+def test_reference_policy_with_lora_is_the_same_unet_with_adapters_off():
+    pipeline = build_tiny_pipeline(seed=0)
+    base_out = unet_output(pipeline.unet)
+    add_lora(pipeline.unet, rank=4, alpha=4, target_modules=["to_q", "to_v", "conv1"])
+    reference = ReferencePolicy(pipeline.unet, "lora", torch.device("cpu"))
+    perturb_lora(pipeline.unet)
+    with reference() as reference_unet:
+        assert reference_unet is pipeline.unet  # no second network
+        torch.testing.assert_close(unet_output(reference_unet), base_out)
+        assert not torch.is_grad_enabled()
+    assert not torch.allclose(unet_output(pipeline.unet), base_out), "adapters are back on afterwards"
+
+
+def test_reference_policy_with_full_fine_tuning_is_a_frozen_copy():
+    pipeline = build_tiny_pipeline(seed=0)
+    base_out = unet_output(pipeline.unet)
+    reference = ReferencePolicy(pipeline.unet, "full", torch.device("cpu"))
+    with torch.no_grad():
+        for p in pipeline.unet.parameters():
+            p.add_(0.01)  # training moves the policy ...
+    with reference() as reference_unet:
+        assert reference_unet is not pipeline.unet
+        torch.testing.assert_close(unet_output(reference_unet), base_out)  # ... not the reference
+        assert not any(p.requires_grad for p in reference_unet.parameters())
 
 
 def test_exported_lora_loads_with_diffusers_load_lora_weights(tmp_path):

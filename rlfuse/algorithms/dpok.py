@@ -26,6 +26,8 @@ reward_weight 100, kl_weight 0.01, ratio clip 1e-4, value lr 1e-4.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,8 +192,8 @@ class DPOK:
     def state_dict(self) -> dict:
         value = None
         if self.value is not None:
-            value = {"weights": {k: v.cpu() for k, v in self.value.state_dict().items()},
-                     "optimizer": self.value_optimizer.state_dict()}
+            # Copies: the live tensors keep training after the state is taken.
+            value = copy.deepcopy({"weights": self.value.state_dict(), "optimizer": self.value_optimizer.state_dict()})
         elif self._pending_value_state is not None:
             value = self._pending_value_state
         return {"stat_tracker": self.stat_tracker.state_dict() if self.stat_tracker else None, "value": value}

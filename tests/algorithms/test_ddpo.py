@@ -1,4 +1,4 @@
-"""DDPO's PPO loss and per-prompt statistics, on numbers worked by hand."""
+"""DDPO's PPO and score-function losses and per-prompt statistics, on numbers worked by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfuse.advantages import PerPromptStatTracker, normalize_batch
-from rlfuse.algorithms.ddpo import DDPO, ppo_clipped_loss
+from rlfuse.algorithms.ddpo import DDPO, ppo_clipped_loss, score_function_loss
 
 
 def test_ppo_loss_at_ratio_one_is_minus_mean_advantage_with_zero_kl_and_clipfrac():
@@ -41,11 +41,27 @@ def test_ppo_gradient_raises_log_prob_of_positive_advantage():
     assert log_probs.grad[0] < 0 < log_probs.grad[1]  # descent raises sample 0, lowers sample 1
 
 
-def test_ddpo_clips_advantages():
+def test_ddpo_clips_advantages(lora_policy, sample):
+    pipeline, policy = lora_policy
+    batch = sample(pipeline, ["a cat", "a dog"]).with_advantages(torch.tensor([10.0, -3.0]))
     objective = DDPO(adv_clip_max=1.0, advantages="batch")
-    log_probs = torch.zeros(2)
-    loss, _ = objective.loss(log_probs, log_probs, torch.tensor([10.0, -3.0]))
-    assert loss.item() == pytest.approx(-(1.0 - 1.0) / 2)
+    loss, stats = objective.loss(policy, batch, torch.tensor([1, 2]))
+    # The policy is the one that sampled: ratio 1, so the loss is -mean(clip(A)) = -(1 - 1) / 2.
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and stats["ratio"].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_score_function_loss_and_gradient_by_hand():
+    log_probs = torch.tensor([-1.0, -2.0], requires_grad=True)
+    loss, stats = score_function_loss(log_probs, log_probs.detach().clone(), torch.tensor([2.0, -1.0]))
+    assert loss.item() == pytest.approx(-(2.0 * -1.0 + -1.0 * -2.0) / 2)  # -mean(A log p) = 0
+    loss.backward()
+    torch.testing.assert_close(log_probs.grad, torch.tensor([-1.0, 0.5]))  # -A / B: descent raises A > 0
+    assert stats["ratio"].item() == 1.0
+
+
+def test_unknown_estimator_is_refused():
+    with pytest.raises(ValueError, match="estimator='sf'"):
+        DDPO(estimator="sf")
 
 
 def test_stat_tracker_uses_batch_statistics_until_min_count_then_its_own():
