@@ -193,6 +193,7 @@ def train(cfg: DictConfig) -> float:
     from accelerate.utils import broadcast_object_list, gather_object
     from hydra.core.hydra_config import HydraConfig
     from torch.utils.tensorboard import SummaryWriter
+    from torchvision.io import ImageReadMode, read_image
     from torchvision.utils import make_grid, save_image
 
     from rlfuse import checkpoint, model as models
@@ -294,6 +295,12 @@ def train(cfg: DictConfig) -> float:
             (run_dir / "eval").mkdir(exist_ok=True)
             save_image(grid, run_dir / "eval" / f"epoch_{epoch:04d}.png")
             writer.add_image("eval/images", grid, epoch)
+            before = run_dir / "eval" / "epoch_0000.png"
+            if epoch == cfg.epochs and epoch > 0 and before.is_file():
+                # Same prompts, same seeds: the first evaluation on the left, the last on the right.
+                first = read_image(str(before), ImageReadMode.RGB).float() / 255
+                gap = torch.ones(3, grid.shape[1], 8)
+                save_image(torch.cat([first, gap, grid.cpu()], dim=2), run_dir / "eval" / "before_after.png")
         return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards)),
                 **{f"eval_reward_{name}": nanmean(values) for name, values in all_details.items()}}
 
