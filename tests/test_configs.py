@@ -11,11 +11,15 @@ import pytest
 from rlfuse.cli import check_overrides, config_groups, group_choices
 
 GROUPS = [g for g in config_groups() if g != "experiment"]
-COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in GROUPS]))
+# Algorithm, reward and model interact (d3po changes sampling keys; models differ in keys); every
+# other group's choices are composed once each with those defaults. (The full product is 288 runs.)
+CORE = ("algorithm", "reward", "model")
+COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in CORE]))
+COMBINATIONS += [(f"{g}={c}",) for g in GROUPS if g not in CORE for c in group_choices(g)]
 
 
-@pytest.mark.parametrize("overrides", COMBINATIONS, ids=lambda o: ",".join(x.split("=")[1] for x in o))
-def test_every_combination_composes_and_its_parts_build(overrides):
+@pytest.mark.parametrize("overrides", COMBINATIONS, ids=lambda o: ",".join(o))
+def test_group_choices_compose_together_and_their_parts_build(overrides):
     cfg = check_overrides("train", list(overrides))
     assert cfg.algorithm.name and cfg.reward.name and cfg.model.name and cfg.hardware.name
     hydra.utils.instantiate(cfg.algorithm.objective)
