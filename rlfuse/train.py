@@ -138,6 +138,11 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
         check(algo.inner_epochs == 1, f"algorithm.inner_epochs={algo.inner_epochs}: the score-function estimator "
                                       f"takes one step per sampling round; set algorithm.inner_epochs=1")
     reward_fn = build(cfg.reward.fn, "reward.fn")
+    if hasattr(reward_fn, "check_ready"):  # weights present, server answering: fail now, never mid-run
+        try:
+            reward_fn.check_ready()
+        except ValueError as error:
+            raise UserError(str(error).strip().splitlines()[0]) from None
     if hasattr(reward_fn, "check_prompts"):  # rewards that only understand some prompts (reward=shapes)
         try:
             reward_fn.check_prompts(train_prompts + eval_prompts)
@@ -348,7 +353,7 @@ def train(cfg: DictConfig) -> float:
         # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
         unet.eval()
         prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
-        batches, epoch_details = [], {}
+        batches, epoch_details, terms = [], {}, []
         for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
             groups = hw.sample_batch_size // sample_cfg.images_per_prompt
             prompts = [p for p in draw_prompts(train_prompts, groups, prompt_rng) for _ in range(sample_cfg.images_per_prompt)]
@@ -359,6 +364,8 @@ def train(cfg: DictConfig) -> float:
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
             rewards = reward_fn(images, prompts).to(device).float()        # (B,)
+            if getattr(reward_fn, "last_terms", None):                     # (B, R) terms of reward=multi
+                terms.append(torch.stack([v.float() for v in reward_fn.last_terms.values()], dim=1).to(device))
             for name, values in reward_details(reward_fn, len(prompts)).items():
                 epoch_details.setdefault(name, []).extend(values)
             # clone(): copies made outside inference mode, since inference tensors cannot be saved for backward.
@@ -378,7 +385,9 @@ def train(cfg: DictConfig) -> float:
         if not torch.isfinite(all_rewards).all():
             raise UserError(f"epoch {epoch}: the reward returned NaN or Inf; check the reward function")
         # Advantages (DDPO, DPOK), preference signs of pairs (D3PO) or weights (RWR), per sample.
-        advantages, advantage_stats = objective.advantages(all_prompts, all_rewards.cpu())
+        # D3PO compares pairs by Pareto dominance over the reward's terms when it has several.
+        signal = accelerator.gather(torch.cat(terms)).cpu() if (objective.pairs and terms) else all_rewards.cpu()
+        advantages, advantage_stats = objective.advantages(all_prompts, signal)
         samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
 
         # ---- 7. Train: epochs over shuffled minibatches, on a random subset of each trajectory's steps.
