@@ -76,6 +76,9 @@ def run_cli(*args):
     (["algorithm.learning_rate=interval(1e-5,1e-3)"], "an interval needs a sweeper"),
     (["resume=/no/such/run"], "not a run folder"),
     (["reward=shapes", "prompts=simple_animals"], "outside the shapes grammar"),
+    (["reward=aesthetic", "prompts=simple_animals"], "not in the Hugging Face cache"),
+    (["reward=multi", "prompts=simple_animals"], "not in the Hugging Face cache"),
+    (["reward=http", "prompts=simple_animals", "reward.fn.url=http://127.0.0.1:9"], "no reward server answers"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")

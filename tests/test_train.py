@@ -210,3 +210,38 @@ def test_each_algorithm_raises_the_jpeg_reward_on_the_tiny_model(tmp_path, algor
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     # A 3-epoch mean of 48 samples (per-sample std about 0.01 kB) has a standard error near 0.0015.
     assert last - first > margin, rewards
+
+
+TINY_CLIP = ["clip_model=rlfuse-tiny-clip", "clip_pretrained=null"]
+
+
+@pytest.mark.parametrize("reward", ["aesthetic", "alignment", "diversity", "multi", "http"])
+def test_each_reward_trains_one_epoch_on_the_tiny_model(tmp_path, reward):
+    """Every reward through the loop; CLIP rewards on a tiny random CLIP, http against the reference server."""
+    from rlfuse.reward_server import serve
+    from rlfuse.rewards.aesthetic import AestheticMLP
+    from rlfuse.rewards.jpeg import JpegReward
+
+    torch.save(AestheticMLP(32).state_dict(), tmp_path / "aesthetic.pth")
+    overrides = {
+        "aesthetic": [*(f"reward.fn.{o}" for o in TINY_CLIP), f"reward.fn.weights={tmp_path / 'aesthetic.pth'}"],
+        "alignment": [f"reward.fn.{o}" for o in TINY_CLIP],
+        "diversity": [*(f"reward.fn.{o}" for o in TINY_CLIP), "sample.images_per_prompt=2"],
+        "multi": [*(f"reward.fn.terms.{t}.fn.{o}" for t in ("aesthetic", "alignment") for o in TINY_CLIP),
+                  f"reward.fn.terms.aesthetic.fn.weights={tmp_path / 'aesthetic.pth'}"],
+        "http": [],
+    }[reward]
+    server = serve(JpegReward(), "jpeg", port=0) if reward == "http" else None
+    if server is not None:
+        overrides = [f"reward.fn.url=http://127.0.0.1:{server.server_address[1]}"]
+    try:
+        run_dir = train(tmp_path / "runs", *FAST, f"reward={reward}", *overrides, "epochs=1", "log.images_every=0")
+    finally:
+        if server is not None:
+            server.shutdown()
+    row = metrics(run_dir)[0]
+    assert math.isfinite(row["reward_mean"]) and math.isfinite(row["loss"])
+    if reward == "multi":  # each term is logged on its own
+        assert math.isfinite(row["reward_aesthetic"]) and math.isfinite(row["reward_alignment"])
+    if reward == "diversity":
+        assert row["reward_mean"] > 0  # two different images per prompt are some distance apart
