@@ -23,8 +23,9 @@ demo: $(STAMP)  ## the main job on the embedded default, on the CPU
 test: $(STAMP)  ## the whole test suite, CPU, offline
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)  ## sampling and training throughput on model=tiny -> benchmarks/results/core.json
+bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/rewards.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
