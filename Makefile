@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)  ## the main job on the embedded default, on the CPU
-	$(BIN)/python -m rlfuse.train experiment=demo_tiny_jpeg run_root=outputs/demo
-	@echo "Done. Look in outputs/demo/: metrics.jsonl, samples/ and eval/ image grids, checkpoints/;"
+demo: $(STAMP)  ## the main job on the embedded default (model=toy, reward=shapes, DDPO), on the CPU
+	$(BIN)/python -m rlfuse.train run_root=outputs/demo
+	@echo "Done. In the newest folder under outputs/demo/: eval/before_after.png (held-out prompts, same seeds,"
+	@echo "before | after), metrics.jsonl (eval_reward_* per criterion), samples/, checkpoints/;"
 	@echo "curves: $(BIN)/tensorboard --logdir outputs/demo"
 
 test: $(STAMP)  ## the whole test suite, CPU, offline
