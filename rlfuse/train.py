@@ -107,7 +107,7 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
     for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
                 "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
-                "algorithm.gradient_accumulation_steps", "checkpoint.every"):
+                "algorithm.gradient_accumulation_steps", "checkpoint.every", "max_nonfinite_in_row"):
         check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
     check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
     check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
@@ -348,8 +348,18 @@ def train(cfg: DictConfig) -> float:
         with metrics_path.open("a") as f:
             f.write(json.dumps({"epoch": 0, **last_eval}) + "\n")
 
+    # Epochs with NaN/Inf rewards in a row, and optimizer updates with NaN/Inf gradients in a row.
+    nonfinite_rewards_in_row = nonfinite_updates_in_row = 0
+
+    def stop_if_stuck(in_row: int, epoch: int, what: str) -> None:
+        if in_row >= cfg.max_nonfinite_in_row:
+            raise UserError(f"epoch {epoch}: {what} {in_row} times in a row (max_nonfinite_in_row="
+                            f"{cfg.max_nonfinite_in_row}); stopping. Check the reward (and the learning rate); the "
+                            f"last checkpoint is intact and resume=auto continues from it")
+
     for epoch in range(first_epoch, cfg.epochs + 1):
         epoch_start = time.perf_counter()
+        skipped = {"skipped_nonfinite_rewards": 0, "skipped_nonfinite_updates": 0}  # this epoch
         # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
         unet.eval()
         prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
@@ -382,13 +392,19 @@ def train(cfg: DictConfig) -> float:
         all_rewards = accelerator.gather(samples.rewards)                   # (P * N,) in rank order
         all_prompts = gather_object(samples.prompts)
         all_details = {name: gather_object(values) for name, values in sorted(epoch_details.items())}
-        if not torch.isfinite(all_rewards).all():
-            raise UserError(f"epoch {epoch}: the reward returned NaN or Inf; check the reward function")
-        # Advantages (DDPO, DPOK), preference signs of pairs (D3PO) or weights (RWR), per sample.
-        # D3PO compares pairs by Pareto dominance over the reward's terms when it has several.
+        # A NaN or Inf reward (a flaky reward server, say) skips this epoch's training; too many in a
+        # row stop the run. Every process sees the same gathered rewards, so all skip together.
         signal = accelerator.gather(torch.cat(terms)).cpu() if (objective.pairs and terms) else all_rewards.cpu()
-        advantages, advantage_stats = objective.advantages(all_prompts, signal)
-        samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
+        rewards_finite = bool(torch.isfinite(all_rewards).all()) and bool(torch.isfinite(signal).all())
+        nonfinite_rewards_in_row = 0 if rewards_finite else nonfinite_rewards_in_row + 1
+        skipped["skipped_nonfinite_rewards"] += 0 if rewards_finite else 1
+        stop_if_stuck(nonfinite_rewards_in_row, epoch, "the reward returned NaN or Inf")
+        advantage_stats = {}
+        if rewards_finite:
+            # Advantages (DDPO, DPOK), preference signs of pairs (D3PO) or weights (RWR), per sample.
+            # D3PO compares pairs by Pareto dominance over the reward's terms when it has several.
+            advantages, advantage_stats = objective.advantages(all_prompts, signal)
+            samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
 
         # ---- 7. Train: epochs over shuffled minibatches, on a random subset of each trajectory's steps.
         train_start = time.perf_counter()
@@ -398,7 +414,7 @@ def train(cfg: DictConfig) -> float:
         stats_count: dict[str, torch.Tensor] = {}
         micro_steps = 0
         unit = 2 if objective.pairs else 1           # pairs (rows 2i, 2i+1) stay together, on the same steps
-        for inner in range(algo.inner_epochs):
+        for inner in range(algo.inner_epochs if rewards_finite else 0):
             order = torch.randperm(len(samples) // unit, generator=shuffle)
             # (N / unit, T) an independent permutation of the steps of each trajectory (or pair); the
             # first `train_steps` columns are the steps trained on.
@@ -415,9 +431,18 @@ def train(cfg: DictConfig) -> float:
                         with accelerator.autocast():
                             loss, stats = objective.loss(policy, batch, batch_steps[:, j])
                         accelerator.backward(loss)
+                        finite = True
                         if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, algo.max_grad_norm)
-                        optimizer.step()
+                            # A NaN or Inf gradient (synchronised, so the same on every process) skips the
+                            # update: no step at all, since AdamW's decay and momentum move weights even
+                            # at zero gradient. (fp16's loss scaler skips such steps itself.)
+                            grad_norm = accelerator.clip_grad_norm_(params, algo.max_grad_norm)
+                            finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+                            nonfinite_updates_in_row = 0 if finite else nonfinite_updates_in_row + 1
+                            skipped["skipped_nonfinite_updates"] += 0 if finite else 1
+                            stop_if_stuck(nonfinite_updates_in_row, epoch, "the loss gave NaN or Inf gradients")
+                        if finite:
+                            optimizer.step()
                         optimizer.zero_grad()
                     for name, value in {"loss": loss, **stats}.items():
                         value = value.detach().float()     # no sync per step
@@ -430,19 +455,22 @@ def train(cfg: DictConfig) -> float:
         train_seconds = time.perf_counter() - train_start
 
         # ---- 8. Log: metrics.jsonl, TensorBoard, the one-line summary.
-        names = sorted(stats_sum)
-        sums = accelerator.reduce(torch.stack([stats_sum[n] for n in names]).to(device), reduction="sum")
-        counts = accelerator.reduce(torch.stack([stats_count[n] for n in names]).to(device), reduction="sum")
-        train_stats = {name: (total / count if count > 0 else math.nan)
-                       for name, total, count in zip(names, sums.tolist(), counts.tolist())}
+        names = sorted(stats_sum)  # the same names on every process (none when the epoch was skipped)
+        train_stats = {}
+        if names:
+            sums = accelerator.reduce(torch.stack([stats_sum[n] for n in names]).to(device), reduction="sum")
+            counts = accelerator.reduce(torch.stack([stats_count[n] for n in names]).to(device), reduction="sum")
+            train_stats = {name: (total / count if count > 0 else math.nan)
+                           for name, total, count in zip(names, sums.tolist(), counts.tolist())}
         seconds = time.perf_counter() - epoch_start
         metrics = {
             "epoch": epoch,
-            "reward_mean": all_rewards.float().mean().item(),
-            "reward_std": all_rewards.float().std(unbiased=False).item(),
+            "reward_mean": nanmean(all_rewards.float().tolist()),
+            "reward_std": float(np.nanstd(all_rewards.float().numpy(force=True))),
             **{f"reward_{name}": nanmean(values) for name, values in all_details.items()},
             **advantage_stats,
             **train_stats,
+            **skipped,
             "samples": len(all_rewards),
             "samples_per_s": len(all_rewards) / sample_seconds,
             "transitions_per_s": micro_steps * hw.train_batch_size * world / max(train_seconds, 1e-9),
@@ -470,7 +498,7 @@ def train(cfg: DictConfig) -> float:
             shown = [n for n in ("approx_kl", "clipfrac", "kl", "preference_accuracy", "reward_margin",
                                  "weight_ess") if n in metrics]
             summary = (f"epoch {epoch}/{cfg.epochs} | reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}"
-                       f" | loss {metrics['loss']:.4g} | " + " | ".join(f"{n} {metrics[n]:.3g}" for n in shown)
+                       f" | loss {metrics.get('loss', math.nan):.4g} | " + " | ".join(f"{n} {metrics[n]:.3g}" for n in shown)
                        + f" | {metrics['seconds']:.1f}s")
             if "eval_reward_mean" in metrics:
                 summary += f" | eval {metrics['eval_reward_mean']:.4f}"

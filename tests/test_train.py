@@ -245,3 +245,42 @@ def test_each_reward_trains_one_epoch_on_the_tiny_model(tmp_path, reward):
         assert math.isfinite(row["reward_aesthetic"]) and math.isfinite(row["reward_alignment"])
     if reward == "diversity":
         assert row["reward_mean"] > 0  # two different images per prompt are some distance apart
+
+
+def test_a_nan_reward_skips_that_epochs_training_and_is_counted(tmp_path):
+    # Two sampling batches per epoch: calls 2 and 3 are epoch 2.
+    run_dir = train(tmp_path, *FAST, "epochs=3", "reward.fn._target_=tests.flaky_reward.FlakyReward",
+                    "+reward.fn.nan_calls=[2]", "checkpoint.every=1", "checkpoint.keep=0", "log.images_every=0",
+                    "algorithm.learning_rate=1e-2", "algorithm.objective.clip_range=0.2")
+    rows = metrics(run_dir)
+    assert [r["skipped_nonfinite_rewards"] for r in rows] == [0, 1, 0]
+    assert "loss" in rows[0] and "loss" not in rows[1] and "loss" in rows[2]
+    after_1, after_2, after_3 = (load_file(run_dir / "checkpoints" / f"epoch_00000{e}" / "trainable.safetensors")
+                                 for e in (1, 2, 3))
+    assert all(torch.equal(after_1[k], after_2[k]) for k in after_1), "the NaN epoch changed the weights"
+    assert not all(torch.equal(after_2[k], after_3[k]) for k in after_2), "training went on after it"
+
+
+def test_nan_rewards_in_a_row_stop_the_run_with_one_line_and_keep_the_last_checkpoint(tmp_path):
+    result = run_train(tmp_path, *FAST, "epochs=6", "reward.fn._target_=tests.flaky_reward.FlakyReward",
+                       "+reward.fn.nan_from=2", "checkpoint.every=1", "max_nonfinite_in_row=2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the reward returned NaN or Inf 2 times in a row" in result.stderr
+    assert "Traceback" not in result.stderr
+    checkpoints = sorted(p.name for p in tmp_path.glob("**/checkpoints/epoch_*"))
+    assert checkpoints == ["epoch_000001", "epoch_000002"], checkpoints  # epoch 3 is the second NaN epoch
+
+
+def test_nan_gradients_skip_the_update_and_stop_after_too_many(tmp_path, tiny_pipeline):
+    """An infinite reward weight makes every gradient Inf/NaN: no update may touch the weights (with
+    weight decay on, a step on zeroed gradients would), and too many in a row stop the run."""
+    inf_gradients = [*FAST, "algorithm=dpok", "algorithm.objective.reward_weight=1e400",
+                     "algorithm.objective.baseline=none", "model.finetune=full", "algorithm.adam_weight_decay=0.1"]
+    run_dir = train(tmp_path / "a", *inf_gradients, "epochs=1", "max_nonfinite_in_row=100", "log.images_every=0")
+    assert metrics(run_dir)[0]["skipped_nonfinite_updates"] == 2  # both minibatches
+    saved = load_file(run_dir / "checkpoints" / "epoch_000001" / "trainable.safetensors")
+    initial = dict(tiny_pipeline.unet.named_parameters())
+    assert all(torch.equal(saved[name], initial[name].detach()) for name in saved), "a skipped update moved a weight"
+    result = run_train(tmp_path / "b", *inf_gradients, "epochs=3", "max_nonfinite_in_row=3")
+    assert result.returncode == 2 and "the loss gave NaN or Inf gradients 3 times in a row" in result.stderr, \
+        result.stderr[-2000:]
