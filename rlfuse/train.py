@@ -453,6 +453,14 @@ def train(cfg: DictConfig) -> float:
                     bar.update(1)
             bar.close()
         train_seconds = time.perf_counter() - train_start
+        # Every process must hold the same trained weights (gradients are averaged before each step):
+        # compare a checksum of them across processes, so a broken synchronisation shows in the logs.
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+        checksums = accelerator.gather(checksum[None].to(device))
+        param_sync_error = (checksums.max() - checksums.min()).item()
+        if param_sync_error != 0 and accelerator.is_main_process:
+            log.warning("epoch %d: the processes' weights differ (checksum spread %.3g): gradients are not "
+                        "synchronised", epoch, param_sync_error)
 
         # ---- 8. Log: metrics.jsonl, TensorBoard, the one-line summary.
         names = sorted(stats_sum)  # the same names on every process (none when the epoch was skipped)
@@ -471,6 +479,7 @@ def train(cfg: DictConfig) -> float:
             **advantage_stats,
             **train_stats,
             **skipped,
+            "param_sync_error": param_sync_error,
             "samples": len(all_rewards),
             "samples_per_s": len(all_rewards) / sample_seconds,
             "transitions_per_s": micro_steps * hw.train_batch_size * world / max(train_seconds, 1e-9),
