@@ -198,8 +198,9 @@ def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tm
 # reference per step), dpok 0.12, rwr 0.010 (with uniform weights instead: RWR_CONTROL_RISE).
 LEARNS = {
     "d3po": (["algorithm.learning_rate=1e-2"], 8, 0.02),
-    "dpok": (["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2"], 10, 0.04),
-    "rwr": (["algorithm.learning_rate=1e-3"], 12, 0.005),
+    "dpok": (["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=1"],
+             10, 0.04),
+    "rwr": (["algorithm.learning_rate=1e-3", "sample.images_per_prompt=1"], 12, 0.005),
 }
 
 
