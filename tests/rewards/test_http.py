@@ -136,3 +136,31 @@ def test_the_server_answers_unknown_paths_and_reward_refusals_with_4xx():
         assert code == 200 and len(answer["rewards"]) == 1
     finally:
         server.shutdown()
+
+
+def test_the_server_command_serves_a_reward_and_refuses_bad_arguments_in_one_line():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, "-m", "rlfuse.reward_server", "seed=3"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "only reward=<name> and reward.* overrides" in bad.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "rlfuse.reward_server", "reward=jpeg", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reward = HttpReward(f"http://127.0.0.1:{port}")
+        for _ in range(120):  # wait for it to listen (imports take a few seconds)
+            try:
+                reward.check_ready()
+                break
+            except ValueError:
+                time.sleep(0.5)
+        images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(reward(images, ["a", "b"]), JpegReward()(images, ["a", "b"]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
