@@ -55,6 +55,7 @@ def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
 def test_policy_unchanged_under_bf16_still_gives_ratio_one(tmp_path):
     """Mixed precision must not make sampling and training score a transition differently."""
     run_dir = train(tmp_path, *TINY, "hardware.mixed_precision=bf16", "hardware.sample_batch_size=2",
+                    "sample.images_per_prompt=1",
                     "hardware.train_batch_size=2", "sample.batches_per_epoch=2", "sample.num_steps=3",
                     "eval.every=0", "log.images_every=0", "progress=false", "epochs=1",
                     "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0")
@@ -160,7 +161,9 @@ def test_a_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
 
 def test_the_shipped_toy_model_trains_through_the_loop(tmp_path):
     run_dir = train(tmp_path, *FAST, "epochs=1", "model=toy", "reward=shapes", "prompts=shapes")
-    assert (run_dir / "checkpoints" / "epoch_000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # model=toy fine-tunes the whole UNet: the final checkpoint holds a pipeline folder diffusers loads.
+    assert (run_dir / "checkpoints" / "epoch_000001" / "pipeline" / "model_index.json").is_file()
+    assert "reward_position" in metrics(run_dir)[0]  # the shapes criteria are logged
 
 
 def test_a_sweep_over_the_four_algorithms_gives_each_its_own_folder(tmp_path):
