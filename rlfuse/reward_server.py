@@ -140,16 +140,14 @@ def main() -> None:
     if bad:
         fail(f"{bad[0]}: only reward=<name> and reward.* overrides apply to the reward server")
     try:
-        import hydra.utils
+        from rlfuse.train import build
 
         cfg = check_overrides("train", list(args.overrides))
-        reward_fn = hydra.utils.instantiate(cfg.reward.fn)
+        reward_fn = build(cfg.reward.fn, "reward.fn")  # a constructor's complaint as one line
         if hasattr(reward_fn, "check_ready"):
             reward_fn.check_ready()
     except (UserError, ValueError) as error:
         fail(str(error).strip().splitlines()[0])
-    except Exception as error:  # noqa: BLE001 (Hydra wraps constructor errors)
-        fail(f"reward.fn: {str(getattr(error, '__cause__', None) or error).strip().splitlines()[-1]}")
     try:
         server = serve(reward_fn, cfg.reward.name, args.host, args.port, int(args.max_body_mb * 2**20))
     except OSError as error:

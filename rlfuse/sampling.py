@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -261,14 +261,10 @@ class Policy:
         latents = batch.latents[rows, step_index]
         timesteps = batch.timesteps[rows, step_index]
         model_input = self.scheduler.scale_model_input(latents, timesteps)
-        if reference:
-            if self.reference is None:
-                raise ValueError("this policy was built without a reference policy")
-            with self.reference() as reference_unet:
-                noise_pred = guided_noise_prediction(reference_unet, model_input, timesteps, batch.prompt_embeds,
-                                                     batch.negative_embeds, self.guidance_scale)
-        else:
-            noise_pred = guided_noise_prediction(self.unet, model_input, timesteps, batch.prompt_embeds,
+        if reference and self.reference is None:
+            raise ValueError("this policy was built without a reference policy")
+        with self.reference() if reference else nullcontext(self.unet) as unet:
+            noise_pred = guided_noise_prediction(unet, model_input, timesteps, batch.prompt_embeds,
                                                  batch.negative_embeds, self.guidance_scale)
         return ddim_transition(self.scheduler, noise_pred, timesteps, latents, self.eta)
 

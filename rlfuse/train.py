@@ -446,9 +446,9 @@ def train(cfg: DictConfig) -> float:
                         optimizer.zero_grad()
                     for name, value in {"loss": loss, **stats}.items():
                         value = value.detach().float()     # no sync per step
-                        finite = ~torch.isnan(value)
-                        stats_sum[name] = stats_sum.get(name, 0.0) + torch.where(finite, value, 0.0)
-                        stats_count[name] = stats_count.get(name, 0.0) + finite.float()
+                        present = ~torch.isnan(value)
+                        stats_sum[name] = stats_sum.get(name, 0.0) + torch.where(present, value, 0.0)
+                        stats_count[name] = stats_count.get(name, 0.0) + present.float()
                     micro_steps += 1
                     bar.update(1)
             bar.close()

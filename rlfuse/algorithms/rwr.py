@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rlfuse.advantages import EPS
+from rlfuse.advantages import normalize_batch
 from rlfuse.sampling import Policy
 from rlfuse.trajectories import Trajectories
 
@@ -43,7 +43,7 @@ def rwr_weights(
         group = rewards[mask]
         if weighting == "weighted":
             if normalize:
-                group = (group - group.mean()) / (group.std(unbiased=False) + EPS)
+                group = normalize_batch(group).double()
             weights[mask] = torch.softmax(group / temperature, dim=0) * len(group)
         else:
             weights[mask] = (group >= torch.quantile(group, quantile)).double()

@@ -21,17 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rlfuse.rewards.jpeg import to_uint8
+
 
 def encode_png(image: np.ndarray) -> str:
     """(H, W, 3) uint8 -> base64 text of its PNG (lossless: the server scores exactly these pixels)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class HttpReward:

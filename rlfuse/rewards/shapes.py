@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from rlfuse.rewards.jpeg import to_uint8
 from rlfuse.toy.detect import DetectedObject, detect_batch
 from rlfuse.toy.world import ParsedPrompt, RequiredObject, parse_prompt, relation_holds
 
@@ -76,8 +77,7 @@ class ShapesReward:
             )
         parsed_prompts = [parse_prompt(prompt) for prompt in prompts]
         # (B, 3, H, W) float -> (B, H, W, 3) uint8, as the image would be saved.
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        detections = detect_batch(pixels.cpu().numpy(), self.colour_tolerance, self.min_area_fraction)
+        detections = detect_batch(to_uint8(images), self.colour_tolerance, self.min_area_fraction)
         scores = [score_detections(parsed, found) for parsed, found in zip(parsed_prompts, detections)]
         criteria = np.array([[score[name] for name in CRITERIA] for score in scores], dtype=np.float32)
         criteria = criteria.reshape(len(prompts), len(CRITERIA))  # (B, 5), NaN where a criterion does not apply
