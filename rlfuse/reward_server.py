@@ -92,7 +92,13 @@ def make_handler(reward_fn, name: str, max_body: int) -> type[BaseHTTPRequestHan
                 self._send(411, {"error": "a Content-Length header is required"})
                 return
             if length > max_body:
-                self._send(413, {"error": f"body of {length} bytes is over the limit of {max_body}"})
+                # Read and discard the body first (in chunks, nothing kept), or the client, still
+                # sending, sees a broken pipe instead of this answer.
+                for _ in range(0, length, 2**16):
+                    if not self.rfile.read(min(2**16, length)):
+                        break
+                    length -= 2**16
+                self._send(413, {"error": f"body over the limit of {max_body} bytes"})
                 self.close_connection = True
                 return
             try:
