@@ -1,70 +1,17 @@
-"""Fixtures for the annotator: small dataset folders as rlfuse.sample writes them, a live server."""
+"""Fixtures for the annotator: a small dataset folder, a live server."""
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 60), (230, 200, 40), (150, 60, 170), (30, 30, 30), (240, 240, 240)]
-
-
-def write_dataset(root: Path, prompts: list[str] = PROMPTS, k_images: int = 4) -> Path:
-    """A dataset folder: K small PNGs per prompt (a coloured square on grey, one colour per image)
-    and a manifest in the contract's format, with keys the annotator must ignore."""
-    (root / "images").mkdir(parents=True)
-    groups = []
-    for g, prompt in enumerate(prompts):
-        images = []
-        for k in range(k_images):
-            image = Image.new("RGB", (32, 32), (128, 128, 128))
-            image.paste(COLOURS[k % len(COLOURS)], (4 + g, 4 + g, 28, 28))
-            name = f"images/{g:04d}-{k}.png"
-            image.save(root / name)
-            sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
-            images.append({"id": f"{g:04d}-{k}", "file": name, "sha256": sha})
-        groups.append({"index": g, "prompt": prompt, "seed": 100 + g, "images": images})
-    manifest = {"format": "rlfuse-feedback", "version": 1, "images_per_prompt": k_images, "groups": groups,
-                "files": {}, "model": "toy", "sampler": {"steps": 20, "eta": 1.0}, "created": "2025-01-01T00:00:00Z"}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root
+from annotate_helpers import Client, write_dataset
 
 
 @pytest.fixture
 def dataset_dir(tmp_path) -> Path:
     return write_dataset(tmp_path / "feedback")
-
-
-class Client:
-    """A tiny HTTP client: request() -> (status, parsed JSON or raw bytes)."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-
-    def request(self, method: str, path: str, body: object = None, raw: bytes | None = None,
-                headers: dict | None = None) -> tuple[int, object]:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            connection.request(method, path, body=data, headers=headers or {})
-            response = connection.getresponse()
-            payload = response.read()
-        finally:
-            connection.close()
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            return response.status, json.loads(payload)
-        return response.status, payload
-
-    def get(self, path: str):
-        return self.request("GET", path)
-
-    def post(self, path: str, body: object):
-        return self.request("POST", path, body=body)
 
 
 @pytest.fixture
