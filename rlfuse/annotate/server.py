@@ -316,5 +316,6 @@ def serve(dataset: Dataset, store: LabelStore, task: str, host: str = "127.0.0.1
     """Start serving in a background thread; returns the server (server.server_address holds the
     port actually bound, useful with port 0; call shutdown() to stop)."""
     server = Server((host, port), make_handler(Annotator(dataset, store, task), max_body))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll interval makes shutdown() prompt; the idle cost is negligible.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -59,3 +62,15 @@ class Client:
 
     def post(self, path: str, body: object):
         return self.request("POST", path, body=body)
+
+
+def start_server_process(folder: Path, task: str = "best") -> tuple[subprocess.Popen, Client]:
+    """`python -m rlfuse.annotate folder --port 0` as a subprocess; returns it once it listens."""
+    process = subprocess.Popen([sys.executable, "-m", "rlfuse.annotate", str(folder), "--task", task, "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()  # "annotating ...: open http://127.0.0.1:PORT/"
+    match = re.search(r"http://([\d.]+):(\d+)/", line)
+    if match is None:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {line!r} {process.stderr.read()!r}")
+    return process, Client(match.group(1), int(match.group(2)))
