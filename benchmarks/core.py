@@ -40,7 +40,7 @@ def sample_batch(pipeline, prompt_embeds, negative_embeds, seed: int) -> Traject
     return Trajectories(prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, latents=latents[:, :-1],
                         next_latents=latents[:, 1:], timesteps=timesteps.expand(batch, -1),
                         log_probs=log_probs, rewards=torch.zeros(batch), advantages=torch.randn(batch),
-                        prompts=["a cat"] * batch)
+                        prompts=["a cat"] * batch, sample_ids=torch.arange(batch))
 
 
 def main() -> None:

@@ -362,14 +362,20 @@ def train(cfg: DictConfig) -> float:
         skipped = {"skipped_nonfinite_rewards": 0, "skipped_nonfinite_updates": 0}  # this epoch
         # ---- 5. Sample: every step of every trajectory, with its log-prob at sampling time.
         unet.eval()
-        prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, rank, 0))
+        # Prompts and seeds belong to a sample's place in the batch of all processes (rank r takes
+        # the r-th slice of each global batch), so a run draws the same samples whatever its
+        # number of processes at the same global batch size.
+        prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, 0))
+        global_batch = world * hw.sample_batch_size
         batches, epoch_details, terms = [], {}, []
         for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
-            groups = hw.sample_batch_size // sample_cfg.images_per_prompt
-            prompts = [p for p in draw_prompts(train_prompts, groups, prompt_rng) for _ in range(sample_cfg.images_per_prompt)]
-            k = sample_cfg.images_per_prompt if sample_cfg.same_noise_per_prompt else 1
-            noise_seeds = [seed_for(cfg.seed, epoch, rank, 1, b, i - i % k) for i in range(len(prompts))]
-            step_seeds = [seed_for(cfg.seed, epoch, rank, 2, b, i) for i in range(len(prompts))]
+            k = sample_cfg.images_per_prompt
+            global_prompts = [p for p in draw_prompts(train_prompts, global_batch // k, prompt_rng) for _ in range(k)]
+            ids = [b * global_batch + rank * hw.sample_batch_size + i for i in range(hw.sample_batch_size)]
+            prompts = [global_prompts[i - b * global_batch] for i in ids]
+            noise_group = k if sample_cfg.same_noise_per_prompt else 1
+            noise_seeds = [seed_for(cfg.seed, epoch, 1, i - i % noise_group) for i in ids]
+            step_seeds = [seed_for(cfg.seed, epoch, 2, i) for i in ids]
             latents, log_probs, timesteps, prompt_embeds, negative_embeds = rollout(prompts, noise_seeds, step_seeds)
             with torch.inference_mode():
                 images = decode(vae, latents[:, -1])                        # (B, 3, H, W) in [0, 1]
@@ -384,17 +390,22 @@ def train(cfg: DictConfig) -> float:
                 latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),
                 timesteps=timesteps.expand(len(prompts), -1).clone(), log_probs=log_probs.clone(),
                 rewards=rewards, advantages=torch.zeros_like(rewards), prompts=prompts,
+                sample_ids=torch.tensor(ids, device=device),
             ))
         samples = Trajectories.cat(batches)
         sample_seconds = time.perf_counter() - epoch_start
 
         # ---- 6. Advantages over the batch of all processes; each process keeps its own slice.
-        all_rewards = accelerator.gather(samples.rewards)                   # (P * N,) in rank order
-        all_prompts = gather_object(samples.prompts)
+        # Gathered in rank order, then put in sample-id order, so that advantages (e.g. the order in
+        # which the per-prompt buffers fill) do not depend on the number of processes.
+        by_id = accelerator.gather(samples.sample_ids).cpu().argsort()      # (P * N,)
+        all_rewards = accelerator.gather(samples.rewards)[by_id.to(device)]  # (P * N,) in sample-id order
+        gathered_prompts = gather_object(samples.prompts)
+        all_prompts = [gathered_prompts[i] for i in by_id.tolist()]
         all_details = {name: gather_object(values) for name, values in sorted(epoch_details.items())}
         # A NaN or Inf reward (a flaky reward server, say) skips this epoch's training; too many in a
         # row stop the run. Every process sees the same gathered rewards, so all skip together.
-        signal = accelerator.gather(torch.cat(terms)).cpu() if (objective.pairs and terms) else all_rewards.cpu()
+        signal = accelerator.gather(torch.cat(terms)).cpu()[by_id] if (objective.pairs and terms) else all_rewards.cpu()
         rewards_finite = bool(torch.isfinite(all_rewards).all()) and bool(torch.isfinite(signal).all())
         nonfinite_rewards_in_row = 0 if rewards_finite else nonfinite_rewards_in_row + 1
         skipped["skipped_nonfinite_rewards"] += 0 if rewards_finite else 1
@@ -403,22 +414,26 @@ def train(cfg: DictConfig) -> float:
         if rewards_finite:
             # Advantages (DDPO, DPOK), preference signs of pairs (D3PO) or weights (RWR), per sample.
             # D3PO compares pairs by Pareto dominance over the reward's terms when it has several.
-            advantages, advantage_stats = objective.advantages(all_prompts, signal)
-            samples = samples.with_advantages(advantages.reshape(world, -1)[rank])
+            advantages, advantage_stats = objective.advantages(all_prompts, signal)   # (P * N,) by sample id
+            in_rank_order = torch.empty_like(advantages)
+            in_rank_order[by_id] = advantages
+            samples = samples.with_advantages(in_rank_order.reshape(world, -1)[rank])
 
         # ---- 7. Train: epochs over shuffled minibatches, on a random subset of each trajectory's steps.
         train_start = time.perf_counter()
         unet.train()
-        shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, rank, 3))
+        shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, rank, 4))  # minibatch order
         stats_sum: dict[str, torch.Tensor] = {}    # name -> sum over micro-steps (NaN entries skipped)
         stats_count: dict[str, torch.Tensor] = {}
         micro_steps = 0
         unit = 2 if objective.pairs else 1           # pairs (rows 2i, 2i+1) stay together, on the same steps
         for inner in range(algo.inner_epochs if rewards_finite else 0):
             order = torch.randperm(len(samples) // unit, generator=shuffle)
-            # (N / unit, T) an independent permutation of the steps of each trajectory (or pair); the
-            # first `train_steps` columns are the steps trained on.
-            step_order = torch.stack([torch.randperm(samples.num_steps, generator=shuffle) for _ in range(len(order))])
+            # (N / unit, T) an independent permutation of the steps of each trajectory (or pair), seeded
+            # by its sample id; the first `train_steps` columns are the steps trained on.
+            unit_ids = samples.sample_ids[::unit].tolist()
+            step_order = torch.stack([torch.randperm(samples.num_steps, generator=torch.Generator().manual_seed(
+                seed_for(cfg.seed, epoch, 3, inner, i))) for i in unit_ids])
             bar = tqdm(total=minibatches * train_steps, desc=f"epoch {epoch} train {inner + 1}/{algo.inner_epochs}",
                        disable=not show, leave=False)
             for start in range(0, len(order), hw.train_batch_size // unit):

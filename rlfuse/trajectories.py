@@ -22,6 +22,8 @@ class Trajectories:
         rewards:         (B,) float reward of the final image
         advantages:      (B,) float, filled in after rewarding
         prompts:         B strings
+        sample_ids:      (B,) long, each sample's index in the epoch's batch over all processes;
+                         the same sample gets the same id (and seeds) whatever the process count
     """
 
     prompt_embeds: torch.Tensor
@@ -33,6 +35,7 @@ class Trajectories:
     rewards: torch.Tensor
     advantages: torch.Tensor
     prompts: list[str]
+    sample_ids: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.prompts)

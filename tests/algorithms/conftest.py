@@ -27,6 +27,7 @@ def sampled_trajectories(pipeline, prompts: list[str], seed: int = 0, shared_noi
         latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),
         timesteps=timesteps.expand(len(prompts), -1).clone(), log_probs=log_probs.clone(),
         rewards=torch.zeros(len(prompts)), advantages=torch.zeros(len(prompts)), prompts=prompts,
+        sample_ids=torch.arange(len(prompts)),
     )
 
 
