@@ -10,22 +10,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from rlfuse.toy.world import render, scene_for_prompt
+
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
+WRONG = ["a blue square", "two green triangles", "a yellow circle to the left of a red square"]
 COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 60), (230, 200, 40), (150, 60, 170), (30, 30, 30), (240, 240, 240)]
 
 
-def write_dataset(root: Path, prompts: list[str] = PROMPTS, k_images: int = 4) -> Path:
+def write_dataset(root: Path, prompts: list[str] = PROMPTS, k_images: int = 4, shapes: bool = False) -> Path:
     """A dataset folder: K small PNGs per prompt (a coloured square on grey, one colour per image)
-    and a manifest in the contract's format, with keys the annotator must ignore."""
+    and a manifest in the contract's format, with keys the annotator must ignore. With shapes, the
+    images are scenes of the toy shapes world at 64 px, every other one of a wrong caption."""
     (root / "images").mkdir(parents=True)
     groups = []
     for g, prompt in enumerate(prompts):
         images = []
         for k in range(k_images):
-            image = Image.new("RGB", (32, 32), (128, 128, 128))
-            image.paste(COLOURS[k % len(COLOURS)], (4 + g, 4 + g, 28, 28))
+            if shapes:
+                caption = prompt if k % 2 == 0 else WRONG[(g + k) % len(WRONG)]
+                image = Image.fromarray(render(scene_for_prompt(caption, np.random.default_rng(10 * g + k), 64)))
+            else:
+                image = Image.new("RGB", (32, 32), (128, 128, 128))
+                image.paste(COLOURS[k % len(COLOURS)], (4 + g, 4 + g, 28, 28))
             name = f"images/{g:04d}-{k}.png"
             image.save(root / name)
             sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
