@@ -65,6 +65,9 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     dataset = load_dataset(args.dataset, check_images=False)
     store = open_store(dataset, create=False)
+    annotators = sorted({stored.label.annotator for stored in store.labels()})
+    if args.annotator is not None and args.annotator not in annotators:
+        raise UserError(f"--annotator {args.annotator}: no labels from them; annotators: {', '.join(annotators) or 'none yet'}")
     if args.format == "d3po":
         data = exchange.export_d3po(dataset, store, args.annotator)
     else:
@@ -95,8 +98,9 @@ def import_main(argv: list[str]) -> None:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{args.file}: cannot read ({getattr(error, 'strerror', None) or error}); check the path") from None
-    store = open_store(dataset)
-    added, present = exchange.import_d3po(dataset, store, text, args.annotator or args.file.stem, str(args.file))
+    labels = exchange.parse_d3po(text, dataset, args.annotator or args.file.stem, str(args.file))
+    store = open_store(dataset)  # only once the file is known good: a bad one leaves no trace
+    added, present = exchange.store_imported(store, labels, str(args.file))
     store.close()
     print(f"imported {added} labels from {args.file} ({present} already present)")
 

@@ -98,10 +98,8 @@ def parse_d3po(text: str, dataset: Dataset, annotator: str, where: str) -> list[
     return labels
 
 
-def import_d3po(dataset: Dataset, store: LabelStore, text: str, annotator: str, where: str) -> tuple[int, int]:
-    """Store a D3PO file's scores as `score` labels of one annotator, in one transaction: all or
-    nothing. Returns (labels added, labels already present)."""
-    labels = parse_d3po(text, dataset, annotator, where)
+def store_imported(store: LabelStore, labels: list[Label], where: str) -> tuple[int, int]:
+    """Store parsed labels in one transaction: all or nothing. Returns (added, already present)."""
     try:
         return store.add_many(labels)
     except Conflict as error:

@@ -17,7 +17,8 @@ Label bodies name images by id (k is the image's position in its group):
 
 A label is answered 201 only after it is committed to labels.sqlite. Every refusal is a 4xx with a
 one-line {"error": "..."} and stores nothing: 400 malformed, 404 unknown path, 409 a different answer
-to an item already labelled (undo first), 411 no Content-Length, 413 body too large.
+to an item already labelled (undo first), 411 no Content-Length, 413 body too large, 415 a body
+that is not Content-Type: application/json.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def make_handler(app: Annotator, max_body: int) -> type[BaseHTTPRequestHandler]:
         def _refuse_method(self) -> None:
             self._json(405, {"error": f"method {self.command} not allowed; use GET or POST"})
 
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse_method
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
 
         def _get(self) -> None:
             url = urlsplit(self.path)
@@ -268,6 +269,11 @@ def make_handler(app: Annotator, max_body: int) -> type[BaseHTTPRequestHandler]:
                 self._drain(length)
                 self.close_connection = True
                 raise BadRequest(f"body of {length} bytes is over the limit of {max_body}", 413)
+            if self.headers.get_content_type() != "application/json":
+                # Another site's page can post text/plain here without asking; application/json
+                # needs a CORS preflight, which this server refuses.
+                self._drain(length)
+                raise BadRequest("send the body as Content-Type: application/json", 415)
             try:
                 payload = json.loads(self.rfile.read(length))
             except (ValueError, UnicodeDecodeError):

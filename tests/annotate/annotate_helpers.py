@@ -57,6 +57,7 @@ class Client:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            headers = {"Content-Type": "application/json"} if headers is None and data is not None else headers
             connection.request(method, path, body=data, headers=headers or {})
             response = connection.getresponse()
             payload = response.read()

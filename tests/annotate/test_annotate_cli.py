@@ -165,7 +165,7 @@ def test_a_malformed_d3po_file_stores_nothing(case, dataset_dir, tmp_path, capsy
     bad = tmp_path / "bad.json"
     bad.write_text(text)
     assert message in one_line_error(capsys, "import", str(dataset_dir), str(bad))
-    assert not (dataset_dir / "labels.sqlite").exists() or preference_pairs(dataset_dir) == []
+    assert not (dataset_dir / "labels.sqlite").exists()
 
 
 def test_an_import_that_conflicts_is_rolled_back_whole(dataset_dir, tmp_path, capsys):
@@ -188,6 +188,8 @@ def test_export_and_import_errors_are_one_line(dataset_dir, tmp_path, capsys):
     good.write_text("[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]")
     assert "--annotator" in one_line_error(capsys, "import", str(dataset_dir), str(good), "--annotator", " ")
     main(["import", str(dataset_dir), str(good)])
+    assert "no labels from them; annotators: good" in one_line_error(
+        capsys, "export", str(dataset_dir), "--format", "d3po", "-o", str(tmp_path / "x.json"), "--annotator", "zed")
     assert "does not exist" in one_line_error(capsys, "export", str(dataset_dir), "--format", "pairs",
                                               "-o", str(tmp_path / "no" / "x.json"))
 

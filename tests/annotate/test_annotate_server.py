@@ -178,6 +178,18 @@ def test_malformed_bodies_are_400(dataset_dir, serve_dataset):
     assert stored_rows(dataset_dir) == []
 
 
+def test_a_body_that_is_not_declared_json_is_415(dataset_dir, serve_dataset):
+    # A cross-site form or fetch can send text/plain without a CORS preflight; it must not label.
+    client = serve_dataset(dataset_dir)
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": kind} if kind else {}
+        assert_refused(client.request("POST", "/api/labels", raw=json.dumps(BEST).encode(), headers=headers),
+                       415, "Content-Type: application/json")
+    assert client.request("POST", "/api/labels", raw=json.dumps(BEST).encode(),
+                          headers={"Content-Type": "application/json; charset=utf-8"})[0] == 201
+    assert_refused(client.request("OPTIONS", "/api/labels"), 405, "not allowed")  # no CORS preflight passes
+
+
 TRAVERSALS = ["/images/../manifest.json", "/images/%2e%2e/manifest.json", "/images/%2e%2e%2fmanifest.json",
               "/images/..%2Flabels.sqlite", "/images//etc/passwd", "/images/%2Fetc%2Fpasswd", "/images/0000-0.png",
               "/images/images/0000-0.png", "/images/0000-0/../../manifest.json", "/manifest.json", "/labels.sqlite",
