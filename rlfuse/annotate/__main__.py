@@ -67,7 +67,8 @@ def export_main(argv: list[str]) -> None:
     store = open_store(dataset, create=False)
     annotators = sorted({stored.label.annotator for stored in store.labels()})
     if args.annotator is not None and args.annotator not in annotators:
-        raise UserError(f"--annotator {args.annotator}: no labels from them; annotators: {', '.join(annotators) or 'none yet'}")
+        raise UserError(f"--annotator {args.annotator}: no labels from them; "
+                        f"annotators: {', '.join(annotators) or 'none yet'}")
     if args.format == "d3po":
         data = exchange.export_d3po(dataset, store, args.annotator)
     else:
@@ -97,7 +98,8 @@ def import_main(argv: list[str]) -> None:
     try:
         text = args.file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{args.file}: cannot read ({getattr(error, 'strerror', None) or error}); check the path") from None
+        reason = getattr(error, "strerror", None) or error
+        raise UserError(f"{args.file}: cannot read ({reason}); check the path") from None
     labels = exchange.parse_d3po(text, dataset, args.annotator or args.file.stem, str(args.file))
     store = open_store(dataset)  # only once the file is known good: a bad one leaves no trace
     added, present = exchange.store_imported(store, labels, str(args.file))

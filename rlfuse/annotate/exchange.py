@@ -81,7 +81,8 @@ def parse_d3po(text: str, dataset: Dataset, annotator: str, where: str) -> list[
         raise UserError(f"{where}: not valid JSON ({error}); a D3PO file is a list of score lists") from None
     k_images, n_groups = dataset.images_per_prompt, len(dataset.groups)
     if not isinstance(data, list):
-        raise UserError(f"{where}: expected a list of {n_groups} score lists (one per prompt), got {type(data).__name__}")
+        raise UserError(f"{where}: expected a list of {n_groups} score lists (one per prompt), "
+                        f"got {type(data).__name__}")
     if len(data) != n_groups:
         raise UserError(f"{where}: {len(data)} entries, the dataset has {n_groups} prompts; give one list of "
                         f"{k_images} scores per prompt, in manifest order (equal scores for an unlabelled prompt)")

@@ -51,7 +51,7 @@ class BadRequest(Exception):
         self.code = code
 
 
-class Annotator:
+class AnnotationApp:
     """What the handlers share: the dataset, the store and the task, and the API's logic."""
 
     def __init__(self, dataset: Dataset, store: LabelStore, task: str):
@@ -118,7 +118,9 @@ class Annotator:
         """A request body -> Label, or BadRequest naming the first thing wrong."""
         if not isinstance(payload, dict):
             raise BadRequest("a label must be a JSON object")
-        allowed = {"annotator", "task", "group", "skip"} | _TASK_KEYS[self.task] | ({"pair"} if self.task == "pair" else set())
+        allowed = {"annotator", "task", "group", "skip"} | _TASK_KEYS[self.task]
+        if self.task == "pair":
+            allowed.add("pair")  # the pair a skip skips
         unknown = sorted(set(payload) - allowed)
         if unknown:
             raise BadRequest(f"unknown key {unknown[0]!r} for task {self.task}; allowed: {', '.join(sorted(allowed))}")
@@ -190,7 +192,7 @@ def parse_annotator(name: object) -> str:
         raise BadRequest(str(error)) from None
 
 
-def make_handler(app: Annotator, max_body: int) -> type[BaseHTTPRequestHandler]:
+def make_handler(app: AnnotationApp, max_body: int) -> type[BaseHTTPRequestHandler]:
     static = {path: ((files("rlfuse.annotate") / "static" / name).read_bytes(), kind)
               for path, (name, kind) in _STATIC.items()}
 
@@ -321,7 +323,7 @@ def serve(dataset: Dataset, store: LabelStore, task: str, host: str = "127.0.0.1
           max_body: int = MAX_BODY) -> Server:
     """Start serving in a background thread; returns the server (server.server_address holds the
     port actually bound, useful with port 0; call shutdown() to stop)."""
-    server = Server((host, port), make_handler(Annotator(dataset, store, task), max_body))
+    server = Server((host, port), make_handler(AnnotationApp(dataset, store, task), max_body))
     # A short poll interval makes shutdown() prompt; the idle cost is negligible.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

@@ -21,6 +21,7 @@ import json
 import sqlite3
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import combinations
@@ -123,8 +124,13 @@ def label_scores(label: Label, images_per_prompt: int) -> list[float]:
         return scores
     if label.task == "score":
         return [float(s) for s in label.value["scores"]]
-    winners = {"best": lambda v: [v["best"]], "pair": lambda v: [v["winner"]], "goodbad": lambda v: v["good"]}
-    for k in winners[label.task](label.value):
+    if label.task == "best":
+        winners = [label.value["best"]]
+    elif label.task == "pair":
+        winners = [label.value["winner"]]
+    else:
+        winners = label.value["good"]
+    for k in winners:
         scores[k] = 1.0
     return scores
 
@@ -156,7 +162,8 @@ class LabelStore:
                         ("schema", SCHEMA_VERSION), ("fingerprint", fingerprint),
                         ("images_per_prompt", str(images_per_prompt))])
         except sqlite3.DatabaseError as error:
-            raise UserError(f"{self.path}: not a readable label store ({error}); move it away to start afresh") from None
+            raise UserError(f"{self.path}: not a readable label store ({error}); "
+                            f"move it away to start afresh") from None
         if meta and meta.get("fingerprint") != fingerprint:
             raise UserError(f"{self.path}: these labels belong to other images (the manifest's images changed "
                             f"since they were made); move labels.sqlite away, or restore the dataset it was made for")
@@ -164,18 +171,15 @@ class LabelStore:
             raise UserError(f"{self.path}: label store schema {meta.get('schema')!r}, this rlfuse reads "
                             f"{SCHEMA_VERSION}; upgrade rlfuse")
 
+    @contextmanager
     def _transaction(self):
-        db = self._db
-
-        class Transaction:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock later
-
-            def __exit__(self, kind, error, traceback):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
-                return False
-
-        return Transaction()
+        self._db.execute("BEGIN IMMEDIATE")  # take the write lock at once: no lock upgrade (deadlock) later
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
