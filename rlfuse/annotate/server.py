@@ -23,6 +23,7 @@ that is not Content-Type: application/json.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import sqlite3
@@ -40,6 +41,7 @@ _STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
            "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
            "/static/style.css": ("style.css", "text/css; charset=utf-8")}
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 _TASK_KEYS = {"best": {"best"}, "pair": {"winner", "loser"}, "goodbad": {"good", "bad"}}
 
 
@@ -192,7 +194,7 @@ def parse_annotator(name: object) -> str:
         raise BadRequest(str(error)) from None
 
 
-def make_handler(app: AnnotationApp, max_body: int) -> type[BaseHTTPRequestHandler]:
+def make_handler(app: AnnotationApp, max_body: int, loopback_only: bool) -> type[BaseHTTPRequestHandler]:
     static = {path: ((files("rlfuse.annotate") / "static" / name).read_bytes(), kind)
               for path, (name, kind) in _STATIC.items()}
 
@@ -214,6 +216,7 @@ def make_handler(app: AnnotationApp, max_body: int) -> type[BaseHTTPRequestHandl
 
         def _guarded(self, route) -> None:
             try:
+                self._check_host()
                 route()
             except BadRequest as error:
                 self._json(error.code, {"error": str(error)})
@@ -223,6 +226,21 @@ def make_handler(app: AnnotationApp, max_body: int) -> type[BaseHTTPRequestHandl
             except Exception as error:  # noqa: BLE001 (answer, do not leave the client hanging)
                 log.exception("request failed")
                 self._json(500, {"error": f"internal error: {type(error).__name__}: {error}"})
+
+        def _check_host(self) -> None:
+            """On a loopback address, answer only requests addressed to it: a web page whose own
+            name was re-pointed at 127.0.0.1 (DNS rebinding) must not read or write labels."""
+            host = self.headers.get("Host")
+            if not loopback_only or host is None:
+                return
+            try:
+                name = urlsplit(f"//{host}").hostname
+            except ValueError:  # e.g. an unclosed [ipv6
+                name = None
+            if name not in _LOOPBACK_NAMES:
+                self.close_connection = True
+                port = self.server.server_address[1]
+                raise BadRequest(f"Host {host!r} is not this server; open http://127.0.0.1:{port}/", 403)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             self._guarded(self._get)
@@ -314,6 +332,13 @@ def make_handler(app: AnnotationApp, max_body: int) -> type[BaseHTTPRequestHandl
     return Handler
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many annotators' browsers, or a test's 20 clients, connect at once
@@ -323,7 +348,8 @@ def serve(dataset: Dataset, store: LabelStore, task: str, host: str = "127.0.0.1
           max_body: int = MAX_BODY) -> Server:
     """Start serving in a background thread; returns the server (server.server_address holds the
     port actually bound, useful with port 0; call shutdown() to stop)."""
-    server = Server((host, port), make_handler(AnnotationApp(dataset, store, task), max_body))
+    loopback_only = host == "localhost" or _is_loopback(host)
+    server = Server((host, port), make_handler(AnnotationApp(dataset, store, task), max_body, loopback_only))
     # A short poll interval makes shutdown() prompt; the idle cost is negligible.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

@@ -203,7 +203,7 @@ def test_only_manifest_images_and_static_files_are_served(dataset_dir, serve_dat
     client = serve_dataset(dataset_dir)
     for path in TRAVERSALS:
         status, body = client.get(path)
-        assert status == 404, (path, status)
+        assert status == (403 if path.startswith("http:") else 404), (path, status)  # that one names a foreign Host
         assert isinstance(body, dict) and "do not serve" not in body["error"], (path, body)
     assert client.get("/")[0] == 200 and b"<title>rlfuse annotate</title>" in client.get("/")[1]
     assert client.get("/static/app.js")[0] == 200 and client.get("/static/style.css")[0] == 200
@@ -212,6 +212,20 @@ def test_only_manifest_images_and_static_files_are_served(dataset_dir, serve_dat
     assert_refused(client.request("PUT", "/api/labels", body=BEST), 405, "method PUT not allowed")
     assert_refused(client.request("DELETE", "/images/0000-0"), 405, "not allowed")
     assert_refused(client.post("/api/labels/../undo", {"annotator": "ann"}), 404, "no such path")
+
+
+def test_a_foreign_host_name_is_refused_on_loopback(dataset_dir, serve_dataset):
+    # DNS rebinding: evil.example re-pointed at 127.0.0.1 sends its own name as Host.
+    client = serve_dataset(dataset_dir)
+    for path in ("/", "/api/next?annotator=ann", "/images/0000-0"):
+        assert_refused(client.request("GET", path, headers={"Host": f"evil.example:{client.port}"}), 403,
+                       "is not this server")
+    assert_refused(client.request("GET", "/", headers={"Host": "[::1"}), 403, "is not this server")
+    assert_refused(client.request("POST", "/api/labels", body=BEST, headers={
+        "Host": "evil.example", "Content-Type": "application/json"}), 403, "is not this server")
+    for name in ("localhost", "127.0.0.1", "[::1]"):
+        assert client.request("GET", "/api/config", headers={"Host": f"{name}:{client.port}"})[0] == 200
+    assert stored_rows(dataset_dir) == []
 
 
 def test_an_oversized_body_is_413_after_draining_it(dataset_dir, serve_dataset):
@@ -234,10 +248,10 @@ def raw_exchange(client, request: bytes) -> tuple[int, dict]:
 
 def test_a_body_without_length_is_411(dataset_dir, serve_dataset):
     client = serve_dataset(dataset_dir)
-    assert_refused(raw_exchange(client, b"POST /api/labels HTTP/1.1\r\nHost: x\r\n\r\n"), 411, "Content-Length")
-    assert_refused(raw_exchange(client, b"POST /api/labels HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"),
+    assert_refused(raw_exchange(client, b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"), 411, "Content-Length")
+    assert_refused(raw_exchange(client, b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n"),
                    411, "Content-Length")
-    chunked = b"POST /api/labels HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    chunked = b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
     assert_refused(raw_exchange(client, chunked), 411, "chunked")
     assert stored_rows(dataset_dir) == []
 
