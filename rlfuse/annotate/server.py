@@ -16,7 +16,8 @@ Label bodies name images by id (k is the image's position in its group):
     {"annotator": "ann", "task": "best", "group": 3, "skip": true}          (pair: add "pair": [id, id])
 
 A label is answered 201 only after it is committed to labels.sqlite. Every refusal is a 4xx with a
-one-line {"error": "..."} and stores nothing: 400 malformed, 404 unknown path, 409 a different answer
+one-line {"error": "..."} and stores nothing: 400 malformed, 403 another Host name while listening
+on a loopback address (DNS rebinding), 404 unknown path, 409 a different answer
 to an item already labelled (undo first), 411 no Content-Length, 413 body too large, 415 a body
 that is not Content-Type: application/json.
 """
