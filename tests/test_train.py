@@ -3,9 +3,10 @@
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,16 +83,13 @@ def test_policy_unchanged_gives_ratio_one_zero_kl_zero_clipfrac_and_a_complete_r
     assert (checkpoints[0] / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_run_resumed_from_its_middle_ends_with_the_same_weights(tmp_path):
-    args = [*FAST, "epochs=4", "checkpoint.every=2", "checkpoint.keep=0", "algorithm.learning_rate=1e-2",
-            "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=2", "algorithm.inner_epochs=2",
-            "algorithm.timestep_fraction=0.5"]
-    full = train(tmp_path / "a", *args)
-    interrupted = train(tmp_path / "b", *args)
-    # As if the process died during epoch 4: the epoch-4 checkpoint never landed, metrics ran ahead.
-    shutil.rmtree(interrupted / "checkpoints" / "epoch_000004")
-    resumed = train(tmp_path / "b", *args, "resume=auto")
-    assert resumed == interrupted, "resume=auto continues in the same run folder"
+RESUMABLE = [*FAST, "epochs=4", "checkpoint.every=2", "checkpoint.keep=0", "algorithm.learning_rate=1e-2",
+             "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=2", "algorithm.inner_epochs=2",
+             "algorithm.timestep_fraction=0.5"]
+
+
+def assert_same_final_run(full: Path, resumed: Path) -> None:
+    """Bitwise-equal final weights, the same logged rewards and losses, one row per epoch."""
     final_a = load_file(full / "checkpoints" / "epoch_000004" / "trainable.safetensors")
     final_b = load_file(resumed / "checkpoints" / "epoch_000004" / "trainable.safetensors")
     assert final_a.keys() == final_b.keys()
@@ -101,10 +99,67 @@ def test_run_resumed_from_its_middle_ends_with_the_same_weights(tmp_path):
     assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]
     # The stat tracker and optimizer were restored too: the loss of epoch 3 matches.
     assert rows_a[2]["loss"] == rows_b[2]["loss"]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_path):
+    """SIGKILL during epoch 3 (after the epoch-2 checkpoint), then resume=auto: bitwise the same."""
+    full = train(tmp_path / "a", *RESUMABLE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rlfuse.train", *RESUMABLE, f"run_root={tmp_path / 'b'}"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("b/**/checkpoints/epoch_000002")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no epoch-2 checkpoint within 300 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    interrupted = next(tmp_path.glob("b/**/checkpoints")).parent
+    assert not (interrupted / "checkpoints" / "epoch_000004").exists()
+    resumed = train(tmp_path / "b", *RESUMABLE, "resume=auto")
+    assert resumed == interrupted, "resume=auto continues in the same run folder"
+    assert_same_final_run(full, resumed)
     # One optimizer step per minibatch of 4 (no accumulation across minibatches): 4 epochs x 2 PPO
     # epochs x 2 minibatches; the accumulation over the 3 trained timesteps makes no extra steps.
     optimizer_state = torch.load(resumed / "checkpoints" / "epoch_000004" / "optimizer.pt", weights_only=False)
     assert {int(s["step"]) for s in optimizer_state["state"].values()} == {4 * 2 * 2}
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path):
+    full = train(tmp_path / "a", *RESUMABLE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    died = subprocess.run([sys.executable, "-m", "tests.dying_checkpoint", "4", *RESUMABLE,
+                           f"run_root={tmp_path / 'b'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    interrupted = next(tmp_path.glob("b/**/checkpoints")).parent
+    torn, previous_name = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    assert torn.startswith(".epoch_000004.tmp") and previous_name == "epoch_000002", (torn, previous_name)
+    previous = load_file(interrupted / "checkpoints" / "epoch_000002" / "trainable.safetensors")
+    expected = load_file(full / "checkpoints" / "epoch_000002" / "trainable.safetensors")
+    assert all(torch.equal(previous[k], expected[k]) for k in expected)
+    resumed = train(tmp_path / "b", *RESUMABLE, "resume=auto")
+    assert_same_final_run(full, resumed)
+
+
+def test_a_failed_checkpoint_write_names_the_problem_and_keeps_the_previous_one(tmp_path):
+    import errno
+
+    from rlfuse import checkpoint
+    from rlfuse.cli import UserError
+
+    weights = {"w": torch.ones(3)}
+    checkpoint.save_checkpoint(tmp_path, 1, weights, {}, {}, export=lambda folder: None, keep=0)
+
+    def disk_full(folder: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match="cannot write checkpoint .*epoch_000002: No space left on device; free disk"):
+        checkpoint.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {}, {}, export=disk_full, keep=1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"], "no torn folder left"
+    assert torch.equal(load_file(tmp_path / "checkpoints" / "epoch_000001" / "trainable.safetensors")["w"],
+                       torch.ones(3))
 
 
 def test_resume_of_a_folder_with_another_config_is_refused(tmp_path):
