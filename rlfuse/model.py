@@ -19,6 +19,8 @@ from rlfuse.cli import UserError
 
 # Attention projections: the LoRA targets of diffusers' text-to-image LoRA example and of DDPO.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The file export_lora writes (and pipeline.load_lora_weights reads) in a LoRA folder.
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 # ----------------------------------------------------------------------------- the tiny pipeline
@@ -102,12 +104,25 @@ def build_tiny_pipeline(seed: int = 0, num_merges: int = 2000, max_length: int =
 # ----------------------------------------------------------------------------- loading
 
 
-def check_pipeline_source(pretrained: str | None, revision: str | None = None) -> None:
+def lora_folders(lora_weights: str | list[str] | None) -> list[str]:
+    """model.lora_weights as a list of folders: null -> [], one folder -> [it]."""
+    if lora_weights is None:
+        return []
+    return [lora_weights] if isinstance(lora_weights, str) else [str(folder) for folder in lora_weights]
+
+
+def check_pipeline_source(pretrained: str | None, revision: str | None = None,
+                          lora_weights: str | list[str] | None = None) -> None:
     """Fail fast, before any run folder exists, when the weights cannot be had.
 
     A local folder must hold model_index.json; a hub id must be cached when offline
-    (HF_HUB_OFFLINE=1), otherwise from_pretrained will download it.
+    (HF_HUB_OFFLINE=1), otherwise from_pretrained will download it. Each LoRA folder of
+    lora_weights must hold the diffusers-format file that export_lora writes.
     """
+    for folder in lora_folders(lora_weights):
+        if not (Path(folder).expanduser() / LORA_FILE).is_file():
+            raise UserError(f"model.lora_weights={folder!r}: no {LORA_FILE} there; give a LoRA folder such as "
+                            f"<run>/checkpoints/epoch_NNNNNN/lora")
     if pretrained is None:
         return
     pretrained = os.path.expanduser(pretrained)
@@ -130,8 +145,9 @@ def check_pipeline_source(pretrained: str | None, revision: str | None = None) -
 
 
 def load_pipeline(pretrained: str | None, revision: str | None = None, variant: str | None = None,
-                  tiny_seed: int = 0) -> StableDiffusionPipeline:
-    """The pipeline from a hub id or local folder, or the tiny one when pretrained is None.
+                  tiny_seed: int = 0, lora_weights: str | list[str] | None = None) -> StableDiffusionPipeline:
+    """The pipeline from a hub id or local folder, or the tiny one when pretrained is None, with the
+    LoRA folders of lora_weights (an earlier round's training) fused into its UNet, in order.
 
     The scheduler is replaced by a DDIMScheduler with the checkpoint's own configuration
     (prediction type, beta schedule, timestep spacing), since the sampler's log-probs are DDIM's.
@@ -155,7 +171,30 @@ def load_pipeline(pretrained: str | None, revision: str | None = None, variant: 
             ) from None
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
+    for folder in lora_folders(lora_weights):
+        fuse_lora(pipeline, Path(folder).expanduser())
     return pipeline
+
+
+def fuse_lora(pipeline: StableDiffusionPipeline, folder: Path) -> None:
+    """Add a diffusers-format LoRA (export_lora's folder) into the UNet's weights for good.
+
+    The adapter is unloaded after fusing, so the UNet is a plain one again: new adapters (add_lora)
+    and the reference policy then start from the fused model, the one that sampled the next round.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": rlfuse trains the UNet only
+    try:
+        pipeline.load_lora_weights(str(folder), adapter_name="fused")
+        pipeline.fuse_lora(adapter_names=["fused"])
+        pipeline.unload_lora_weights()
+    except (ValueError, RuntimeError, KeyError, OSError) as error:
+        raise UserError(f"model.lora_weights={str(folder)!r}: cannot fuse it into this model (was it trained on "
+                        f"another one?) [{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}]") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, target_modules: list[str]) -> None:
