@@ -125,7 +125,13 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
 
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
-    check_pipeline_source(cfg.model.pretrained, cfg.model.revision)
+    check_pipeline_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
+    if OmegaConf.select(cfg, "feedback.name") == "human":  # labelled pairs replace sampling (rlfuse/feedback.py)
+        from rlfuse import feedback
+        feedback.check_dataset(cfg.feedback.path, cfg.algorithm.name, feedback.sampling_settings(
+            cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
+            cfg.model.get("lora_weights"), cfg.model.resolution, sample_cfg.num_steps, sample_cfg.guidance_scale,
+            sample_cfg.eta))
     objective = build(cfg.algorithm.objective, "algorithm.objective")
     if objective.pairs:  # D3PO: rows 2i, 2i+1 are two images of one prompt from the same noise
         check(sample_cfg.images_per_prompt % 2 == 0 and sample_cfg.same_noise_per_prompt,
@@ -232,7 +238,8 @@ def train(cfg: DictConfig) -> float:
         log.info("run folder: %s (%d process%s, %s)", run_dir, world, "es" if world > 1 else "", device)
 
     # ---- 3. Model and optimizer (reward, objective and prompts were built by the preflight).
-    pipeline = models.load_pipeline(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed)
+    pipeline = models.load_pipeline(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
+                                    cfg.model.get("lora_weights"))
     vae, text_encoder, tokenizer, unet, scheduler = (
         pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.unet, pipeline.scheduler)
     # Frozen parts run in the mixed-precision dtype; trainable weights stay in fp32 (as DDPO's code).
@@ -261,6 +268,13 @@ def train(cfg: DictConfig) -> float:
     unet_trained, optimizer = accelerator.prepare(unet, optimizer)
     policy = Policy(unet_trained, scheduler, sample_cfg.guidance_scale, sample_cfg.eta, reference)
     negative_embed = encode_prompts(tokenizer, text_encoder, [""], device)  # (1, L, D)
+    # feedback=human: every epoch replays a labelled dataset's pairs instead of sampling (rlfuse/feedback.py).
+    replay = None
+    if OmegaConf.select(cfg, "feedback.name") == "human":
+        from rlfuse.feedback import load_replay
+        replay = load_replay(cfg.feedback.path, lambda texts: encode_prompts(tokenizer, text_encoder, texts, device),
+                             negative_embed, device, world)
+        scheduler.set_timesteps(sample_cfg.num_steps, device=device)  # sampling sets it otherwise; the loss needs it
     latent_shape = (unet.config.in_channels, cfg.model.resolution // pipeline.vae_scale_factor,
                     cfg.model.resolution // pipeline.vae_scale_factor)
 
@@ -368,7 +382,11 @@ def train(cfg: DictConfig) -> float:
         prompt_rng = np.random.default_rng(seed_for(cfg.seed, epoch, 0))
         global_batch = world * hw.sample_batch_size
         batches, epoch_details, terms = [], {}, []
-        for b in tqdm(range(sample_cfg.batches_per_epoch), desc=f"epoch {epoch} sample", disable=not show, leave=False):
+        if replay is not None:  # the labelled pairs, winner first (rewards 1, 0), and the images people saw
+            replayed, images = replay.epoch(cfg.seed, epoch, rank, world, cfg.log.grid_images)
+            batches.append(replayed)
+        for b in tqdm(range(sample_cfg.batches_per_epoch if replay is None else 0), desc=f"epoch {epoch} sample",
+                      disable=not show, leave=False):
             k = sample_cfg.images_per_prompt
             global_prompts = [p for p in draw_prompts(train_prompts, global_batch // k, prompt_rng) for _ in range(k)]
             ids = [b * global_batch + rank * hw.sample_batch_size + i for i in range(hw.sample_batch_size)]
