@@ -123,6 +123,7 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
           f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
           f"minibatches per epoch ({minibatches})")
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+    check_hardware_config(hw, cfg.model.finetune)
 
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     check_pipeline_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
@@ -155,6 +156,23 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
         except ValueError as error:
             raise UserError(f"reward={cfg.reward.name} with prompts={cfg.prompts.name}: {error}") from None
     return objective, reward_fn, train_prompts, eval_prompts
+
+
+def check_hardware_config(hw: DictConfig, finetune: str) -> None:
+    """The hardware choices can run here, and accelerate's launch flags do not contradict them."""
+    import os
+
+    from rlfuse.hardware import check_hardware
+
+    try:
+        check_hardware(hw.strategy, hw.mixed_precision, hw.attention, hw.compile, hw.cpu, finetune,
+                       hw.get("deepspeed", {}).get("zero_stage", 2), hw.get("fsdp", {}).get("version", 2))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    for flag, strategy in (("ACCELERATE_USE_DEEPSPEED", "deepspeed"), ("ACCELERATE_USE_FSDP", "fsdp")):
+        check(os.environ.get(flag, "false").lower() != "true" or hw.strategy == strategy,
+              f"accelerate was launched for {strategy} but hardware.strategy={hw.strategy}: drop accelerate's "
+              f"--use_{strategy} flag and choose hardware={'deepspeed_zero2' if strategy == 'deepspeed' else 'fsdp'}")
 
 
 def build(node: DictConfig, key: str):
@@ -208,6 +226,7 @@ def train(cfg: DictConfig) -> float:
     from torchvision.utils import make_grid, save_image
 
     from rlfuse import checkpoint, model as models
+    from rlfuse.hardware import accelerator_plugins, configure_unet
     from rlfuse.prompts import draw_prompts
     from rlfuse.sampling import Policy, encode_prompts, sample_trajectories
     from rlfuse.trajectories import Trajectories
@@ -221,11 +240,17 @@ def train(cfg: DictConfig) -> float:
     accumulation = minibatches if getattr(objective, "single_update", False) else algo.gradient_accumulation_steps
 
     # ---- 2. Processes and the run folder (rank 0 owns it and tells the others).
+    deepspeed_cfg, fsdp_cfg = hw.get("deepspeed", {}), hw.get("fsdp", {})
     accelerator = Accelerator(
         cpu=hw.cpu, mixed_precision=hw.mixed_precision,
         # One optimizer step per `accumulation` minibatches, each of `train_steps` timesteps.
         gradient_accumulation_steps=accumulation * train_steps,
+        **accelerator_plugins(hw.strategy, deepspeed_cfg.get("zero_stage", 2), deepspeed_cfg.get("offload_optimizer", False),
+                              algo.max_grad_norm, fsdp_cfg.get("version", 2), fsdp_cfg.get("reshard_after_forward", True),
+                              fsdp_cfg.get("cpu_offload", False)),
     )
+    # Weights sharded (FSDP) or optimizer states sharded (DeepSpeed, FSDP) across processes.
+    sharded = hw.strategy in ("deepspeed", "fsdp")
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir = [HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None]
     broadcast_object_list(run_dir)
@@ -254,18 +279,22 @@ def train(cfg: DictConfig) -> float:
             p.data = p.data.float()
     else:
         unet.to(device).requires_grad_(True)
-    if hw.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    configure_unet(unet, hw.attention, hw.gradient_checkpointing, hw.compile, hw.channels_last)
     # The base model, for algorithms that regularise towards it (D3PO, DPOK): taken before any
     # training or checkpoint loading; with LoRA the same UNet with adapters off, never a copy.
     reference = models.ReferencePolicy(unet, cfg.model.finetune, device, algo.get("reference_offload", False)) \
         if objective.needs_reference else None
-    params = list(models.trainable_parameters(unet).values())
+    # Resume, part 1: the weights go in before the engine wraps (and, under FSDP, shards) the UNet.
+    latest = checkpoint.list_checkpoints(run_dir)[-1] if cfg.resume is not None and checkpoint.list_checkpoints(run_dir) \
+        else None
+    if latest is not None:
+        optimizer_state, state = checkpoint.load_checkpoint(latest, unet)
     optimizer = torch.optim.AdamW(
-        params, lr=algo.learning_rate, betas=(algo.adam_beta1, algo.adam_beta2),
+        models.trainable_parameters(unet).values(), lr=algo.learning_rate, betas=(algo.adam_beta1, algo.adam_beta2),
         weight_decay=algo.adam_weight_decay, eps=algo.adam_epsilon,
     )
     unet_trained, optimizer = accelerator.prepare(unet, optimizer)
+    params = list(models.trainable_parameters(accelerator.unwrap_model(unet_trained)).values())  # as the engine holds them
     policy = Policy(unet_trained, scheduler, sample_cfg.guidance_scale, sample_cfg.eta, reference)
     negative_embed = encode_prompts(tokenizer, text_encoder, [""], device)  # (1, L, D)
     # feedback=human: every epoch replays a labelled dataset's pairs instead of sampling (rlfuse/feedback.py).
@@ -323,13 +352,15 @@ def train(cfg: DictConfig) -> float:
         return {"eval_reward_mean": float(np.mean(all_rewards)), "eval_reward_std": float(np.std(all_rewards)),
                 **{f"eval_reward_{name}": nanmean(values) for name, values in all_details.items()}}
 
-    # ---- 4. Resume: weights, optimizer (and fp16 loss scale), algorithm state, RNG, epoch.
+    # ---- 4. Resume, part 2: optimizer (and fp16 loss scale), algorithm state, RNG, epoch.
     first_epoch = 1
     metrics_path = run_dir / "metrics.jsonl"
-    if cfg.resume is not None and checkpoint.list_checkpoints(run_dir):
-        latest = checkpoint.list_checkpoints(run_dir)[-1]
-        optimizer_state, state = checkpoint.load_checkpoint(latest, accelerator.unwrap_model(unet_trained))
-        optimizer.load_state_dict(optimizer_state)
+    if latest is not None:
+        if optimizer_state:
+            optimizer.load_state_dict(optimizer_state)
+        elif accelerator.is_main_process:
+            log.warning("resuming under hardware.strategy=%s: the optimizer moments restart (they are sharded "
+                        "across processes and not in the checkpoint)", hw.strategy)
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         objective.load_state_dict(state["algorithm"])
@@ -488,10 +519,11 @@ def train(cfg: DictConfig) -> float:
         train_seconds = time.perf_counter() - train_start
         # Every process must hold the same trained weights (gradients are averaged before each step):
         # compare a checksum of them across processes, so a broken synchronisation shows in the logs.
+        # (Under FSDP each process holds a different shard by design: not compared.)
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
         checksums = accelerator.gather(checksum[None].to(device))
-        param_sync_error = (checksums.max() - checksums.min()).item()
-        if param_sync_error != 0 and accelerator.is_main_process:
+        param_sync_error = math.nan if hw.strategy == "fsdp" else (checksums.max() - checksums.min()).item()
+        if param_sync_error > 0 and accelerator.is_main_process:
             log.warning("epoch %d: the processes' weights differ (checksum spread %.3g): gradients are not "
                         "synchronised", epoch, param_sync_error)
 
@@ -552,6 +584,8 @@ def train(cfg: DictConfig) -> float:
         # ---- 9. Checkpoint (atomically, rank 0 writes; all wait for it).
         if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
             rng_states = gather_object([checkpoint.rng_state()])  # one per process, in rank order
+            # Sharded engines gather the whole weights with every process taking part.
+            gathered_weights = accelerator.get_state_dict(unet_trained) if sharded else None
             if accelerator.is_main_process:
                 inner_unet = accelerator.unwrap_model(unet_trained)
 
@@ -560,12 +594,19 @@ def train(cfg: DictConfig) -> float:
                     if cfg.model.finetune == "lora":
                         models.export_lora(inner_unet, folder / "lora")
                     elif epoch == cfg.epochs:
-                        models.export_pipeline(pipeline, inner_unet, folder / "pipeline")
+                        whole_unet = inner_unet
+                        if sharded:  # a whole UNet on rank 0, from the gathered weights
+                            whole_unet = type(inner_unet).from_config(inner_unet.config)
+                            whole_unet.load_state_dict(gathered_weights)
+                        models.export_pipeline(pipeline, whole_unet, folder / "pipeline")
 
                 extra = {"algorithm": objective.state_dict(), "rng_per_process": rng_states,
                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-                saved = checkpoint.save_checkpoint(run_dir, epoch, models.trainable_parameters(inner_unet),
-                                                   optimizer.state_dict(), extra, export, cfg.checkpoint.keep)
+                trainable = models.trainable_parameters(inner_unet)
+                if sharded:
+                    trainable = {name: gathered_weights[name] for name in trainable}
+                saved = checkpoint.save_checkpoint(run_dir, epoch, trainable, {} if sharded else optimizer.state_dict(),
+                                                   extra, export, cfg.checkpoint.keep)
                 log.info("checkpoint: %s", saved)
             accelerator.wait_for_everyone()
 

@@ -79,6 +79,7 @@ def run_cli(*args):
     (["reward=aesthetic", "prompts=simple_animals"], "not in the Hugging Face cache"),
     (["reward=multi", "prompts=simple_animals"], "not in the Hugging Face cache"),
     (["reward=http", "prompts=simple_animals", "reward.fn.url=http://127.0.0.1:9"], "no reward server answers"),
+    (["hardware=deepspeed_zero2"], "hardware.strategy=deepspeed needs CUDA GPUs"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")
