@@ -618,7 +618,10 @@ def train(cfg: DictConfig) -> float:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_hydra_app(train, config_name="train", extra_overrides=startup_overrides)
+    # The task by its module name, not __main__'s: sweep launchers (joblib, submitit) pickle it by reference.
+    from rlfuse import train as module
+
+    run_hydra_app(module.train, config_name="train", extra_overrides=module.startup_overrides)
 
 
 if __name__ == "__main__":
