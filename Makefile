@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean reproduce-paper
+SCALE ?= paper
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: $(STAMP)  ## the whole test suite, CPU, offline
 bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput -> benchmarks/results/*.json
 	$(BIN)/python benchmarks/core.py
 	$(BIN)/python benchmarks/rewards.py
+
+reproduce-paper: $(STAMP)  ## the papers' experiments -> outputs/reproduce/REPORT.md (SCALE=paper: GPUs, hub weights | SCALE=toy: CPU, minutes)
+	$(BIN)/python -m rlfuse.reproduce --scale $(SCALE) --out outputs/reproduce
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,260 @@
+"""Evaluate a fine-tuned checkpoint against its base model and write a Markdown report.
+
+    python -m rlfuse.evaluate <run folder or checkpoint folder> [--rewards jpeg,alignment ...]
+        [--set reward.fn.key=value ...] [--num-prompts 8] [--images-per-prompt 4] [--out <folder>]
+
+Both models sample the same held-out prompts from the same noise (fixed seeds), so every difference
+in the images is the fine-tuning's. The report (<out>/REPORT.md, <out>/report.json) holds:
+- scores under several rewards, the trained one and others it never saw (reward hacking shows as a
+  rise in the trained reward with a fall in the others);
+- diversity: the mean pairwise pixel distance between the images of one prompt;
+- drift from the base model: the mean pixel and latent distance between base and fine-tuned images
+  drawn from the same noise;
+- side-by-side grids (base | fine-tuned, same seeds) and PNG plots of the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlfuse.cli import CONF_DIR, UserError, fail
+
+# Curves plotted from metrics.jsonl when present: (file name, [(metric, label)]).
+CURVES = [
+    ("reward.png", [("reward_mean", "training batch"), ("eval_reward_mean", "held-out, fixed seeds")]),
+    ("diagnostics.png", [("loss", "loss"), ("approx_kl", "approx_kl"), ("clipfrac", "clipfrac"), ("kl", "kl"),
+                         ("preference_accuracy", "preference_accuracy")]),
+]
+
+
+def find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) from a run folder (its newest checkpoint) or a checkpoint folder."""
+    from rlfuse.checkpoint import list_checkpoints
+
+    if not path.is_dir():
+        raise UserError(f"{path}: no such folder; give a run folder (outputs/...) or one of its checkpoints/epoch_N")
+    if (path / "trainable.safetensors").is_file():
+        run_dir = path.parent.parent
+    else:
+        run_dir, checkpoints = path, list_checkpoints(path)
+        if not checkpoints:
+            raise UserError(f"{path}: holds no checkpoint (checkpoints/epoch_N); give a finished run folder")
+        path = checkpoints[-1]
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: no config.yaml beside the checkpoint; give a run folder made by rlfuse.train")
+    return run_dir, path
+
+
+def load_models(run_cfg, checkpoint: Path):
+    """(base pipeline, fine-tuned pipeline) on the CPU; the fine-tuned one from the checkpoint's
+    exported LoRA (fused), its exported pipeline, or its trainable weights loaded into the base UNet."""
+    from rlfuse import model as models
+    from rlfuse.checkpoint import load_checkpoint
+
+    m = run_cfg.model
+    base = models.load_pipeline(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+    if (checkpoint / "pipeline" / "model_index.json").is_file():
+        tuned = models.load_pipeline(str(checkpoint / "pipeline"))
+    else:
+        tuned = models.load_pipeline(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+        if (checkpoint / "lora" / models.LORA_FILE).is_file():
+            models.fuse_lora(tuned, checkpoint / "lora")
+        else:  # a full fine-tune's intermediate checkpoint: the trained UNet weights themselves
+            load_checkpoint(checkpoint, tuned.unet)
+    return base, tuned
+
+
+def build_reward(name: str, settings: list[str]):
+    """A reward from conf/reward/<name>.yaml with `reward.fn.key=value` settings applied."""
+    import hydra.utils
+    from omegaconf import OmegaConf
+
+    from rlfuse.cli import group_choices
+
+    if name not in group_choices("reward"):
+        raise UserError(f"--rewards {name}: no such reward; valid: {', '.join(group_choices('reward'))}")
+    node = OmegaConf.create({"reward": OmegaConf.load(CONF_DIR / "reward" / f"{name}.yaml")})
+    mine = [s for s in settings if s.startswith(f"{name}.")]
+    try:
+        node.merge_with(OmegaConf.from_dotlist([f"reward.{s[len(name) + 1:]}" for s in mine]))
+        reward = hydra.utils.instantiate(node.reward.fn)
+    except Exception as error:  # a bad setting: one line naming it
+        raise UserError(f"--set for reward {name}: {str(error).strip().splitlines()[0]}") from None
+    if hasattr(reward, "check_ready"):
+        try:
+            reward.check_ready()
+        except ValueError as error:
+            raise UserError(f"reward {name}: {str(error).strip().splitlines()[0]}") from None
+    return reward
+
+
+@torch.no_grad()
+def sample_images(pipeline, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, eta: float,
+                  resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (B, 3, H, W) in [0, 1], final latents (B, C, h, w)) with the training loop's sampler."""
+    from rlfuse.sampling import encode_prompts, sample_trajectories
+    from rlfuse.train import decode, generators, seed_for
+
+    device = torch.device("cpu")
+    unet = pipeline.unet.eval()
+    shape = (unet.config.in_channels, resolution // pipeline.vae_scale_factor, resolution // pipeline.vae_scale_factor)
+    embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts, device)
+    negative = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], device).expand(len(prompts), -1, -1)
+    initial = torch.stack([torch.randn(shape, generator=g) for g in generators([seed_for(s, 0) for s in seeds])])
+    latents, _, _ = sample_trajectories(unet, pipeline.scheduler, embeds, negative, initial, num_steps, guidance, eta,
+                                        generators([seed_for(s, 1) for s in seeds]))
+    return decode(pipeline.vae, latents[:, -1]), latents[:, -1]
+
+
+def pairwise_pixel_distance(images: torch.Tensor, groups: int) -> float:
+    """Mean RMS pixel distance between two images of the same prompt; images (G*K, 3, H, W), rows of a
+    group adjacent."""
+    flat = images.reshape(groups, -1, images[0].numel())                       # (G, K, D)
+    if flat.shape[1] < 2:
+        return math.nan
+    distances = torch.cdist(flat, flat) / math.sqrt(flat.shape[-1])           # (G, K, K)
+    k = flat.shape[1]
+    return float(distances.sum() / (groups * k * (k - 1)))
+
+
+def plot_curves(metrics_file: Path, out: Path) -> list[str]:
+    """PNG plots of metrics.jsonl; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    written = []
+    for name, series in CURVES:
+        present = [(key, label) for key, label in series if any(key in r for r in rows)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in present:
+            points = [(r["epoch"], r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts: int, images_per_prompt: int,
+             out: Path | None, seed: int = 1234) -> dict:
+    """Sample base and fine-tuned images at fixed seeds, score, compare; write the report. Returns its numbers."""
+    from omegaconf import OmegaConf
+    from torchvision.utils import make_grid, save_image
+
+    from rlfuse.prompts import load_prompts
+
+    run_dir, checkpoint = find_checkpoint(target)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    out = out or run_dir / "evaluation"
+    reward_names = rewards or [run_cfg.reward.name]
+    reward_fns = {name: build_reward(name, settings) for name in reward_names}
+    prompts_all = load_prompts(run_cfg.prompts.eval)
+    prompt_list = prompts_all[:num_prompts]
+    prompts = [p for p in prompt_list for _ in range(images_per_prompt)]          # groups adjacent
+    seeds = [seed * 100_003 + i for i in range(len(prompts))]
+    base, tuned = load_models(run_cfg, checkpoint)
+    s = run_cfg.sample
+    args = (s.num_steps, s.guidance_scale, s.eta, run_cfg.model.resolution)
+    base_images, base_latents = sample_images(base, prompts, seeds, *args)
+    tuned_images, tuned_latents = sample_images(tuned, prompts, seeds, *args)
+
+    scores = {}
+    for name, fn in reward_fns.items():
+        before, after = fn(base_images, prompts).float(), fn(tuned_images, prompts).float()
+        scores[name] = {"base": float(before.mean()), "finetuned": float(after.mean()),
+                        "change": float(after.mean() - before.mean()),
+                        "stderr": float(torch.cat([before, after]).std() / math.sqrt(len(prompts))),
+                        "trained_on": name == run_cfg.reward.name}
+    report = {
+        "run": str(run_dir), "checkpoint": str(checkpoint), "algorithm": run_cfg.algorithm.name,
+        "reward": run_cfg.reward.name, "model": run_cfg.model.name, "prompts": len(prompt_list),
+        "images_per_prompt": images_per_prompt, "seed": seed, "scores": scores,
+        "diversity": {"base": pairwise_pixel_distance(base_images, len(prompt_list)),
+                      "finetuned": pairwise_pixel_distance(tuned_images, len(prompt_list))},
+        "drift": {"pixel_rms": float(((tuned_images - base_images) ** 2).mean().sqrt()),
+                  "latent_rms": float(((tuned_latents - base_latents) ** 2).mean().sqrt())},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    # Side by side: each row one prompt's images, base on the left, fine-tuned on the right.
+    rows = []
+    gap = torch.ones(3, base_images.shape[-2], 4)
+    for g in range(len(prompt_list)):
+        part = slice(g * images_per_prompt, (g + 1) * images_per_prompt)
+        rows.append(torch.cat([make_grid(base_images[part], nrow=images_per_prompt, padding=1), gap[:, :1].expand(
+            3, base_images.shape[-2] + 2, 4), make_grid(tuned_images[part], nrow=images_per_prompt, padding=1)], dim=2))
+    save_image(torch.cat(rows, dim=1), out / "base_vs_finetuned.png")
+    report["plots"] = plot_curves(run_dir / "metrics.jsonl", out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "REPORT.md").write_text(render_markdown(report, prompt_list))
+    return report
+
+
+def render_markdown(report: dict, prompt_list: list[str]) -> str:
+    lines = [f"# Evaluation: {report['algorithm']} on {report['reward']} ({report['model']})", "",
+             f"Run `{report['run']}`, checkpoint `{Path(report['checkpoint']).name}`. {report['prompts']} held-out "
+             f"prompts x {report['images_per_prompt']} images, base and fine-tuned from the same noise "
+             f"(seed {report['seed']}).", "",
+             "| reward | base | fine-tuned | change | std. error | trained on |", "|---|---|---|---|---|---|"]
+    for name, v in report["scores"].items():
+        lines.append(f"| {name} | {v['base']:.4f} | {v['finetuned']:.4f} | {v['change']:+.4f} | {v['stderr']:.4f} | "
+                     f"{'yes' if v['trained_on'] else 'no'} |")
+    d, drift = report["diversity"], report["drift"]
+    lines += ["", f"Diversity (mean RMS pixel distance between images of one prompt): base {d['base']:.4f}, "
+                  f"fine-tuned {d['finetuned']:.4f}.",
+              f"Drift from the base model (same noise): pixel RMS {drift['pixel_rms']:.4f}, "
+              f"latent RMS {drift['latent_rms']:.4f}.", "",
+              "A rise in the trained reward with falls in the others, or a collapse of diversity, is the mark of "
+              "reward hacking.", "", "## Images (base | fine-tuned, same seeds; one row per prompt)", "",
+              "![base | fine-tuned](base_vs_finetuned.png)", "",
+              "Prompts, top to bottom: " + "; ".join(f"`{p}`" for p in prompt_list), ""]
+    if report.get("plots"):
+        lines += ["## Training curves (metrics.jsonl)", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rlfuse.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", type=Path, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--rewards", default="", help="comma-separated reward choices (conf/reward); default: the trained one")
+    parser.add_argument("--set", action="append", default=[], metavar="REWARD.fn.KEY=VALUE",
+                        help="a reward setting, e.g. alignment.fn.clip_pretrained=null (repeatable)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="held-out prompts (the first N of prompts.eval)")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (diversity needs >= 2)")
+    parser.add_argument("--seed", type=int, default=1234, help="noise seed: the same images every time")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: <run>/evaluation)")
+    args = parser.parse_args(argv)
+    try:
+        if args.num_prompts < 1 or args.images_per_prompt < 1:
+            raise UserError("--num-prompts and --images-per-prompt must be >= 1")
+        report = evaluate(args.target, [r for r in args.rewards.split(",") if r], args.set, args.num_prompts,
+                          args.images_per_prompt, args.out, args.seed)
+    except UserError as error:
+        fail(str(error))
+    out = args.out or Path(report["run"]) / "evaluation"
+    print(f"report: {out / 'REPORT.md'}")
+    for name, v in report["scores"].items():
+        print(f"{name}: base {v['base']:.4f} -> fine-tuned {v['finetuned']:.4f} ({v['change']:+.4f})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
