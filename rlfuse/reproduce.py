@@ -64,7 +64,7 @@ TOY_MODEL = {
 # clip 1e-4, lr 3e-4) barely move them in a few epochs.
 TOY_ALGORITHM = {
     ("ddpo", "tiny"): ["algorithm.learning_rate=1e-2", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
-    ("d3po", "tiny"): ["algorithm.learning_rate=1e-2"],
+    ("d3po", "tiny"): ["algorithm.learning_rate=3e-3"],  # 1e-2 at 8 samples per epoch: NaN gradients by epoch 4
     ("dpok", "tiny"): ["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2"],
     ("ddpo", "toy"): ["algorithm.learning_rate=1e-5", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "toy"): ["algorithm.learning_rate=1e-5"],
@@ -159,12 +159,19 @@ def reproduce(scale: str, out: Path, only: list[str]) -> Path:
         shutil.rmtree(run_root, ignore_errors=True)  # a fresh run each time (this driver's own folder)
         accelerate = str(Path(python).parent / "accelerate")
         launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", str(gpus)] if gpus > 1 else [python]
-        train_seconds = run([*launcher, "-m", "rlfuse.train", f"experiment={name}", *overrides,
-                             f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")], out / f"{name}.train.log")
         evaluation = out / "evaluations" / name
-        eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
-                            *(f"--set={s}" for s in settings), "--num-prompts", "4", "--images-per-prompt", "2",
-                            "--out", str(evaluation)], out / f"{name}.evaluate.log")
+        try:  # one failed experiment is reported, and the others still run
+            train_seconds = run([*launcher, "-m", "rlfuse.train", f"experiment={name}", *overrides,
+                                 f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")],
+                                out / f"{name}.train.log")
+            eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
+                                *(f"--set={s}" for s in settings), "--num-prompts", "4", "--images-per-prompt", "2",
+                                "--out", str(evaluation)], out / f"{name}.evaluate.log")
+        except UserError as error:
+            row["status"] = f"failed: {str(error).replace('|', '/')}"
+            results.append(row)
+            print(f"{name}: {row['status']}", flush=True)
+            continue
         report = json.loads((evaluation / "report.json").read_text())
         row.update(status="done", train_seconds=train_seconds, eval_seconds=eval_seconds, overrides=overrides,
                    evaluation=str(evaluation.relative_to(out)), **{k: report[k] for k in ("reward", "model", "scores",
