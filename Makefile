@@ -25,9 +25,12 @@ demo: $(STAMP)  ## the main job on the embedded default (model=toy, reward=shape
 test: $(STAMP)  ## the whole test suite, CPU, offline
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput -> benchmarks/results/*.json
+bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput, rlfuse vs TRL, floor -> benchmarks/results/*.json
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/core.py
 	$(BIN)/python benchmarks/rewards.py
+	$(BIN)/python benchmarks/trl_side_by_side.py  # --quick (tiny, 3 pairs x 5 epochs); --full: tiny and toy, 10 epochs
+	$(BIN)/python benchmarks/floor.py --models tiny --repeats 3  # add --scaling for docs/scaling.png
 
 reproduce-paper: $(STAMP)  ## the papers' experiments -> outputs/reproduce/REPORT.md (SCALE=paper: GPUs, hub weights | SCALE=toy: CPU, minutes)
 	$(BIN)/python -m rlfuse.reproduce --scale $(SCALE) --out outputs/reproduce
