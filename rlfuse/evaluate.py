@@ -126,8 +126,10 @@ def pairwise_pixel_distance(images: torch.Tensor, groups: int) -> float:
 
 def plot_curves(metrics_file: Path, out: Path) -> list[str]:
     """PNG plots of metrics.jsonl; returns the file names written."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # plots are optional: the numbers and grids do not need them
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
