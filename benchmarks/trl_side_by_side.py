@@ -245,6 +245,7 @@ def load_average() -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="model=tiny, 3 pairs of 5 epochs (the default)")
     parser.add_argument("--full", action="store_true", help="tiny and toy, 3 pairs, 10 epochs (default, quick: tiny, 3 pairs, 5 epochs)")
     parser.add_argument("--pairs", type=int, default=None, help="alternating pairs of runs per model")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (the first is a warm-up)")
