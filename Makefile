@@ -22,8 +22,9 @@ demo: $(STAMP)  ## the main job on the embedded default (model=toy, reward=shape
 	@echo "before | after), metrics.jsonl (eval_reward_* per criterion), samples/, checkpoints/;"
 	@echo "curves: $(BIN)/tensorboard --logdir outputs/demo"
 
-test: $(STAMP)  ## the whole test suite, CPU, offline
-	$(BIN)/python -m pytest -q
+TEST_WORKERS ?= 2
+test: $(STAMP)  ## the whole test suite, CPU, offline, in TEST_WORKERS processes (pytest-xdist)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput, rlfuse vs TRL, floor -> benchmarks/results/*.json
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
