@@ -16,6 +16,8 @@ eps = 0.1 are the paper's code's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,9 @@ def d3po_loss(
         every pair is a tie) and reward_margin (mean of that margin, the implicit reward difference).
     """
     log_ratio = log_probs - reference_log_probs                                   # (2P,)
-    clamped = torch.log(torch.clamp(torch.exp(log_ratio), 1 - clip_range, 1 + clip_range))
+    # The clamp in log space: the same values, but exp() cannot overflow (an inf ratio times the clamp's
+    # zero gradient is NaN) once the policy has drifted far from the reference.
+    clamped = torch.clamp(log_ratio, math.log1p(-clip_range), math.log1p(clip_range))
     margin = (beta * clamped * preferences).reshape(-1, 2).sum(dim=1)             # (P,) beta (log r_w - log r_l)
     loss = -F.logsigmoid(margin).mean()
     with torch.no_grad():

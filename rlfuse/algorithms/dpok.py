@@ -27,6 +27,7 @@ reward_weight 100, kl_weight 0.01, ratio clip 1e-4, value lr 1e-4.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +67,10 @@ def dpok_loss(
     Returns:
         loss and detached diagnostics: kl (mean per-step KL), policy_loss, ratio, clipfrac.
     """
-    ratio = torch.exp(log_probs - old_log_probs)
-    clamped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio.detach())  # diagnostics only
+    # Clamped in log space: the same values, and no inf * 0 = NaN gradient when exp() would overflow.
+    clamped = torch.exp(torch.clamp(log_ratio, math.log1p(-clip_range), math.log1p(clip_range)))
     policy_loss = -(reward_weight * advantages * clamped).mean()
     loss = policy_loss + kl_weight * kl.mean()
     stats = {

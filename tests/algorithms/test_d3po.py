@@ -55,6 +55,15 @@ def test_a_ratio_outside_the_clamp_gives_zero_gradient():
     assert log_probs.grad[2] < 0 < log_probs.grad[3]
 
 
+def test_a_policy_far_from_the_reference_gives_zero_not_nan_gradients():
+    """exp(200) overflows float32: the clamp must not turn it into inf * 0 = NaN (seen in a full fine-tune)."""
+    log_probs = torch.tensor([200.0, -200.0, 0.01, 0.0], requires_grad=True)
+    loss, _ = d3po_loss(log_probs, torch.zeros(4), torch.tensor([1.0, -1.0, 1.0, -1.0]), beta=0.1, clip_range=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_probs.grad).all()
+    assert log_probs.grad[0] == 0 and log_probs.grad[1] == 0 and log_probs.grad[2] < 0
+
+
 def test_pairs_take_the_better_reward_and_ties_give_zero():
     torch.testing.assert_close(pair_preferences(torch.tensor([1.0, 2.0, 5.0, 3.0, 4.0, 4.0])),
                                torch.tensor([-1.0, 1.0, 1.0, -1.0, 0.0, 0.0]))

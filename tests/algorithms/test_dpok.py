@@ -68,3 +68,12 @@ def test_value_baseline_learns_and_survives_a_state_round_trip(lora_policy, samp
 def test_unknown_baseline_is_refused():
     with pytest.raises(ValueError, match="baseline='critic'"):
         DPOK(baseline="critic")
+
+
+def test_a_ratio_that_would_overflow_gives_zero_not_nan_gradient():
+    log_probs = torch.tensor([0.0, 200.0], requires_grad=True)  # exp(200) overflows float32
+    loss, _ = dpok_loss(log_probs, torch.zeros(2), torch.tensor([1.0, 1.0]), torch.zeros(2),
+                        reward_weight=10.0, kl_weight=0.5, clip_range=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(-10 * 2.1 / 2, rel=1e-6)
+    assert torch.isfinite(log_probs.grad).all() and log_probs.grad[1] == 0
