@@ -47,10 +47,12 @@ def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
     run_dir = train(tmp_path, "experiment=demo_tiny_jpeg", "epochs=12", "seed=0", "eval.every=0",
                     "progress=false", "log.images_every=0")
     rewards = [row["reward_mean"] for row in metrics(run_dir) if row["epoch"] > 0]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    # The per-sample reward std is about 0.01 kB, so a 3-epoch mean of 48 samples has a standard
-    # error near 0.0015: a rise of 0.02 is over ten of them (seen here: 0.16).
-    assert last - first > 0.02, rewards
+    untrained, last = rewards[0], sum(rewards[-3:]) / 3   # epoch 1 samples the untrained model
+    # The per-sample reward std is about 0.01 kB: epoch 1's mean of 16 samples has a standard error
+    # near 0.0025 and a 3-epoch mean near 0.0015, so a rise of 0.02 is about seven of their combined
+    # error. (Seen: -1.572 -> -1.537. The preset's large steps are noisy: these draws peak at -1.471
+    # in epoch 6, so the first three epochs already include much of the rise.)
+    assert last - untrained > 0.02, rewards
 
 
 def test_policy_unchanged_under_bf16_still_gives_ratio_one(tmp_path):
@@ -274,7 +276,7 @@ def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tm
 # the last 3 (1 thread): d3po 0.055 (it then plateaus: the clamp holds the policy within 10% of the
 # reference per step), dpok 0.12, rwr 0.010 (with uniform weights instead: RWR_CONTROL_RISE).
 LEARNS = {
-    "d3po": (["algorithm.learning_rate=1e-2"], 8, 0.02),
+    "d3po": (["algorithm.learning_rate=3e-3"], 8, 0.02),  # seen: -1.546 -> -1.406 (3-epoch means)
     "dpok": (["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=1"],
              10, 0.04),
     "rwr": (["algorithm.learning_rate=1e-3", "sample.images_per_prompt=1"], 12, 0.005),
