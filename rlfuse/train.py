@@ -501,7 +501,8 @@ def train(cfg: DictConfig) -> float:
                             # update: no step at all, since AdamW's decay and momentum move weights even
                             # at zero gradient. (fp16's loss scaler skips such steps itself.)
                             grad_norm = accelerator.clip_grad_norm_(params, algo.max_grad_norm)
-                            finite = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+                            # (DeepSpeed clips inside its engine and returns no norm: it skips such steps itself.)
+                            finite = accelerator.scaler is not None or grad_norm is None or bool(torch.isfinite(grad_norm))
                             nonfinite_updates_in_row = 0 if finite else nonfinite_updates_in_row + 1
                             skipped["skipped_nonfinite_updates"] += 0 if finite else 1
                             stop_if_stuck(nonfinite_updates_in_row, epoch, "the loss gave NaN or Inf gradients")
