@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from rlfuse.cli import UserError, run_hydra_app
@@ -32,15 +31,9 @@ def preflight(cfg: DictConfig) -> list[str]:
     """Check values, the prompt list and the weights before anything is loaded or written."""
     from rlfuse.model import check_pipeline_source
     from rlfuse.prompts import load_prompts
-    from rlfuse.train import check, missing_keys
+    from rlfuse.train import check, check_complete
 
-    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
-    if missing:
-        raise UserError(f"{', '.join(missing)}: required but not set; give it on the command line, e.g. {missing[0]}=...")
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as error:
-        raise UserError(f"{getattr(error, 'full_key', '') or 'the config'}: {str(error).splitlines()[0]}") from None
+    check_complete(cfg)
     for key in ("num_prompts", "sample.num_steps", "hardware.sample_batch_size"):
         check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
     check(cfg.sample.images_per_prompt >= 2, f"sample.images_per_prompt={cfg.sample.images_per_prompt}: must be >= 2 "

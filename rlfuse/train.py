@@ -87,6 +87,18 @@ def missing_keys(node: object, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "???" else []
 
 
+def check_complete(cfg: DictConfig) -> None:
+    """Every ??? key is set and every interpolation resolves; else one line naming the key."""
+    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise UserError(f"{', '.join(missing)}: required but not set; give it on the command line, e.g. {missing[0]}=...")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or "the config"
+        raise UserError(f"{key}: {str(error).splitlines()[0]}") from None
+
+
 def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     """Check values, prompt files and weights before any folder is made or model loaded.
 
@@ -96,14 +108,7 @@ def preflight(cfg: DictConfig) -> tuple[object, object, list[str], list[str]]:
     from rlfuse.model import check_pipeline_source
     from rlfuse.prompts import load_prompts
 
-    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
-    if missing:
-        raise UserError(f"{', '.join(missing)}: required but not set; give it on the command line, e.g. {missing[0]}=...")
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", "") or "the config"
-        raise UserError(f"{key}: {str(error).splitlines()[0]}") from None
+    check_complete(cfg)
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
     for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
                 "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
