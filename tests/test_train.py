@@ -313,13 +313,13 @@ def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tm
 # Settings under which each algorithm measurably learns the jpeg reward on the random tiny model
 # (full fine-tuning; measured with seed 0, README "Results"). Rises seen there, first 3 epochs against
 # the last 3 (1 thread): d3po 0.055 (it then plateaus: the clamp holds the policy within 10% of the
-# reference per step), dpok 0.12, rwr 0.010 (with uniform weights instead: RWR_CONTROL_RISE).
+# reference per step), rwr 0.010 (with uniform weights instead: RWR_CONTROL_RISE).
 LEARNS = {
     "d3po": (["algorithm.learning_rate=3e-3"], 8, 0.02),  # seen: -1.546 -> -1.406 (3-epoch means)
-    # seen with one thread (the suite's): -1.5505 -> -1.5252 (3-epoch means), about 12 standard errors;
-    # with two threads the sums run in another order and it rose more
-    "dpok": (["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=1"],
-             10, 0.015),
+    # seen with one thread (the suite's), 3-epoch means: lr 5e-3 -1.526 -> -1.365 (+0.161); at lr 3e-3 it
+    # rose only +0.025 in 10 epochs and +0.013 in 14, too close to any margin worth asking
+    "dpok": (["algorithm.learning_rate=5e-3", "algorithm.objective.clip_range=0.2", "sample.images_per_prompt=1"],
+             10, 0.04),
     "rwr": (["algorithm.learning_rate=1e-3", "sample.images_per_prompt=1"], 12, 0.005),
 }
 
