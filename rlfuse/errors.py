@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix: one line on stderr and exit code 2 at the command-line edge."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing weights, malformed file): one line, exit 2."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise UserError(message) unless condition holds."""
+    if not condition:
+        raise UserError(message)
