@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test bench install clean reproduce-paper
+.PHONY: demo test test-fast browser bench install clean reproduce-paper
 SCALE ?= paper
 
 $(STAMP): pyproject.toml
@@ -23,8 +23,30 @@ demo: $(STAMP)  ## the main job on the embedded default (model=toy, reward=shape
 	@echo "curves: $(BIN)/tensorboard --logdir outputs/demo"
 
 TEST_WORKERS ?= 2
-test: $(STAMP)  ## the whole test suite, CPU, offline, in TEST_WORKERS processes (pytest-xdist)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+test: $(STAMP) browser  ## the whole test suite, CPU, offline, in TEST_WORKERS processes (pytest-xdist)
+	$(PYTEST)
+
+test-fast: $(STAMP) browser  ## the test suite without the tests marked slow (learning runs, multi-process runs)
+	$(PYTEST) -m "not slow"
+
+CHROMIUM_HINT := rlfuse: the browser tests need Chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu) or set RLFUSE_CHROMIUM=/path/to/chromium
+browser:  ## Chromium for the browser tests (tests/annotate): apt-get installs it if missing (as root, or with passwordless sudo), else one line says what to install
+	@if [ -n "$$RLFUSE_CHROMIUM" ]; then \
+	    [ -f "$$RLFUSE_CHROMIUM" ] && [ -x "$$RLFUSE_CHROMIUM" ] \
+	        || echo "rlfuse: RLFUSE_CHROMIUM=$$RLFUSE_CHROMIUM is not an executable file: the browser tests will fail"; \
+	elif command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then \
+	    :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "$(CHROMIUM_HINT)"; \
+	else \
+	    if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	    else echo "$(CHROMIUM_HINT)"; exit 0; fi; \
+	    echo "rlfuse: installing Chromium for the browser tests: $${sudo:+$$sudo }apt-get install -y chromium"; \
+	    { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	        || echo "$(CHROMIUM_HINT) (apt-get install failed, see above)"; \
+	fi
 
 bench: $(STAMP)  ## loop throughput on model=tiny, reward throughput, rlfuse vs TRL, floor -> benchmarks/results/*.json
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from rlfuse.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 EXIT_USAGE = 2
 # Options of Hydra's own command line that print something and exit, or change no config value.
@@ -27,10 +29,6 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad config, missing weights, malformed file): one line, exit 2."""
 
 
 def fail(message: str) -> None:

@@ -1,5 +1,5 @@
-"""Human feedback for training: the sampled denoising chains of a feedback dataset, replayed as
-D3PO pairs in the order people labelled them (feedback=human).
+"""Human feedback datasets: their format, and the start-up checks that a training run can replay one
+(feedback=human).
 
 A feedback dataset (written by `python -m rlfuse.sample`, labelled with `python -m rlfuse.annotate`):
 
@@ -18,25 +18,18 @@ Text embeddings are not stored: the training run recomputes them from the prompt
 (frozen) text encoder, which the settings check guarantees; for Stable Diffusion that saves
 77 x 768 floats per image.
 
-Training is offline replay: each epoch takes every labelled pair (group g, winner w, loser l) from
-`preference_pairs`, with repeats when several votes agree, and makes rows 2i (the winner's chain)
-and 2i + 1 (the loser's) with rewards 1 and 0, so that D3PO's pair_preferences gives +1 and -1.
-Both chains start from the group's shared initial noise, as D3PO's pairs do.
+Training replays the labelled pairs (rlfuse/sources/replay.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rlfuse.cli import UserError
-from rlfuse.trajectories import Trajectories
+from rlfuse.errors import UserError
 
 TRAJECTORIES = "trajectories.safetensors"
 RESAMPLE = "re-run `python -m rlfuse.sample`"
@@ -60,7 +53,7 @@ def sampling_settings(name: str, pretrained: str | None, revision: str | None, v
     """The manifest's "model" and "sampler" sections: what made the chains. Local folders are made
     absolute (so a dataset names the model it came from wherever it is read); tiny_seed counts only
     for the tiny model (pretrained null)."""
-    from rlfuse.model import lora_folders
+    from rlfuse.families.sd import lora_folders
 
     def absolute(folder: str) -> str:
         return str(Path(folder).expanduser().resolve())
@@ -100,18 +93,14 @@ def load_trajectories(path: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- start-up checks
 
 
-def check_dataset(path: str, algorithm: str, settings: dict[str, dict]) -> int:
-    """Everything feedback=human needs, before any run folder: the algorithm learns from pairs, the
-    dataset is well formed (images and their sha256), its trajectories file is there and unchanged,
+def check_dataset(path: str, settings: dict[str, dict]) -> int:
+    """Everything feedback=human needs of the dataset, before any run folder: it is well formed (images and their sha256), its trajectories file is there and unchanged,
     it was sampled with this run's model and sampler (`settings`, from sampling_settings), and its
     labels state at least one preference. Raises UserError (one line); returns the number of pairs."""
     from rlfuse.annotate.dataset import load_dataset
     from rlfuse.annotate.store import preference_pairs
 
     where = f"feedback.path={path}"
-    if algorithm != "d3po":
-        raise UserError(f"feedback=human: algorithm={algorithm} cannot learn from preference labels; "
-                        f"add algorithm=d3po")
     dataset = load_dataset(Path(path).expanduser())
     manifest = json.loads((dataset.root / "manifest.json").read_text(encoding="utf-8"))
     files = manifest.get("files")
@@ -157,94 +146,3 @@ def _check_shapes(where: str, path: Path, rows: int, num_steps: int) -> None:
         if shapes.get(name, ())[:len(leading)] != leading:
             raise UserError(f"{where}: {TRAJECTORIES} holds {name} of shape {shapes.get(name)}, expected {leading} "
                             f"first; {RESAMPLE}")
-
-
-# ----------------------------------------------------------------------------- replay
-
-
-@dataclass
-class Replay:
-    """The labelled pairs of a feedback dataset, as D3PO training batches (see the module docstring).
-
-    pairs: (group, winner k, loser k), repeated by their net votes; latents (N, T+1, C, h, w),
-    log_probs (N, T), timesteps (T,): the stored chains, row g * K + k, on the training device;
-    prompt_embeds (G, L, D) one per group; negative_embed (1, L, D).
-    """
-
-    pairs: list[tuple[int, int, int]]
-    images_per_prompt: int
-    prompts: list[str]
-    image_files: list[list[Path]]
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    timesteps: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_embed: torch.Tensor
-
-    def epoch(self, seed: int, epoch: int, rank: int, world: int, num_images: int) -> tuple[Trajectories, torch.Tensor]:
-        """This process's share of every pair, in an order shuffled per epoch; and the first
-        num_images of its images as they were labelled, (n, 3, H, W) in [0, 1] (for the log grid).
-
-        Returns Trajectories of 2P rows: 2i the winner, 2i + 1 the loser (rewards 1 and 0). Each
-        process takes an equal, contiguous slice (pairs beyond a multiple of `world` wait for
-        another epoch); sample ids are places in the shuffled list, so runs repeat exactly.
-        """
-        from rlfuse.train import seed_for
-
-        order = torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(seed_for(seed, epoch, 5)))
-        share = len(order) // world
-        places = order[rank * share:(rank + 1) * share].tolist()
-        chosen = [self.pairs[p] for p in places]
-        device, k_images = self.latents.device, self.images_per_prompt
-        rows = torch.tensor([[g * k_images + w, g * k_images + l] for g, w, l in chosen], device=device).reshape(-1)
-        groups = torch.tensor([g for g, _, _ in chosen], device=device).repeat_interleave(2)   # (2P,)
-        chains = self.latents[rows]                                                          # (2P, T+1, C, h, w)
-        count = len(rows)
-        rewards = torch.tensor([1.0, 0.0], device=device).repeat(len(chosen))               # winner, loser
-        ids = torch.tensor([[2 * (rank * share + i), 2 * (rank * share + i) + 1] for i in range(len(chosen))],
-                           device=device).reshape(-1)
-        batch = Trajectories(
-            prompt_embeds=self.prompt_embeds[groups], negative_embeds=self.negative_embed.expand(count, -1, -1),
-            latents=chains[:, :-1], next_latents=chains[:, 1:],
-            timesteps=self.timesteps.expand(count, -1), log_probs=self.log_probs[rows],
-            rewards=rewards, advantages=torch.zeros_like(rewards), prompts=[self.prompts[g] for g in groups.tolist()],
-            sample_ids=ids,
-        )
-        return batch, self.images(rows[:num_images].tolist())
-
-    def images(self, rows: list[int]) -> torch.Tensor:
-        """(n, 3, H, W) in [0, 1]: the PNGs of the given rows, as the annotators saw them."""
-        from PIL import Image
-
-        k_images = self.images_per_prompt
-        pixels = [np.asarray(Image.open(self.image_files[r // k_images][r % k_images]).convert("RGB")) for r in rows]
-        if not pixels:
-            return torch.zeros(0, 3, 1, 1)
-        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
-
-
-def load_replay(path: str, encode: Callable[[list[str]], torch.Tensor], negative_embed: torch.Tensor,
-                device: torch.device, world: int = 1) -> Replay:
-    """The dataset's pairs and chains on `device`, with each group's prompt encoded by `encode`
-    (prompts -> (B, L, D), the run's text encoder). The dataset was checked by check_dataset."""
-    from rlfuse.annotate.dataset import load_dataset
-    from rlfuse.annotate.store import preference_pairs
-
-    root = Path(path).expanduser()
-    dataset = load_dataset(root, check_images=False)
-    pairs = preference_pairs(root)
-    if len(pairs) < world:
-        raise UserError(f"feedback.path={path}: {len(pairs)} labelled pairs cannot be shared by {world} processes; "
-                        f"label more, or train with fewer processes")
-    chains = load_trajectories(root / TRAJECTORIES)
-    prompts = [group.prompt for group in dataset.groups]
-    chunk = 64  # prompts encoded at a time
-    prompt_embeds = torch.cat([encode(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-    return Replay(
-        pairs=pairs, images_per_prompt=dataset.images_per_prompt, prompts=prompts,
-        image_files=[list(group.files) for group in dataset.groups],
-        latents=chains["latents"].to(device), log_probs=chains["log_probs"].to(device),
-        timesteps=chains["timesteps"].to(device), prompt_embeds=prompt_embeds.to(device),
-        negative_embed=negative_embed.to(device),
-    )
-

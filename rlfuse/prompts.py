@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 SHIPPED = Path(__file__).resolve().parent / "assets" / "prompts"
 

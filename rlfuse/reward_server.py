@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rlfuse.rewards.base import Reward
+
 log = logging.getLogger("rlfuse.reward_server")
 MAX_IMAGES = 1024
 
@@ -64,7 +66,8 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
     return images, prompts
 
 
-def make_handler(reward_fn, name: str, max_body: int) -> type[BaseHTTPRequestHandler]:
+def make_handler(reward_fn: Reward, name: str, max_body: int) -> type[BaseHTTPRequestHandler]:
+    """The request handler: GET /health, and POST /score answered with the scores of `reward_fn`."""
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -104,7 +107,7 @@ def make_handler(reward_fn, name: str, max_body: int) -> type[BaseHTTPRequestHan
             try:
                 images, prompts = decode_request(self.rfile.read(length))
                 with lock:
-                    rewards = reward_fn(images, prompts).float().tolist()
+                    rewards = reward_fn(images, prompts).scores.float().tolist()
             except BadRequest as error:
                 self._send(error.code, {"error": str(error)})
                 return
@@ -123,7 +126,7 @@ def make_handler(reward_fn, name: str, max_body: int) -> type[BaseHTTPRequestHan
     return Handler
 
 
-def serve(reward_fn, name: str, host: str = "127.0.0.1", port: int = 8765,
+def serve(reward_fn: Reward, name: str, host: str = "127.0.0.1", port: int = 8765,
           max_body: int = 64 * 2**20) -> ThreadingHTTPServer:
     """Start serving in a background thread; returns the server (server.server_address has the port
     actually bound, useful with port 0; call shutdown() to stop)."""
@@ -133,7 +136,8 @@ def serve(reward_fn, name: str, host: str = "127.0.0.1", port: int = 8765,
 
 
 def main() -> None:
-    from rlfuse.cli import UserError, check_overrides, fail
+    from rlfuse.cli import check_overrides, fail
+    from rlfuse.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m rlfuse.reward_server", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="reward=<name> and reward.fn.<key>=<value> overrides")
@@ -146,7 +150,7 @@ def main() -> None:
     if bad:
         fail(f"{bad[0]}: only reward=<name> and reward.* overrides apply to the reward server")
     try:
-        from rlfuse.train import build
+        from rlfuse.config import build
 
         cfg = check_overrides("train", list(args.overrides))
         reward_fn = build(cfg.reward.fn, "reward.fn")  # a constructor's complaint as one line

@@ -3,6 +3,7 @@
 
 import torch
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.jpeg import JpegReward
 
 
@@ -14,9 +15,9 @@ class FlakyReward:
         self.jpeg = JpegReward(**jpeg_options)
         self.nan_calls, self.nan_from, self.calls = list(nan_calls or []), nan_from, 0
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        rewards = self.jpeg(images, prompts)
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        rewards = self.jpeg(images, prompts).scores
         if self.calls in self.nan_calls or (self.nan_from is not None and self.calls >= self.nan_from):
             rewards = torch.full_like(rewards, float("nan"))
         self.calls += 1
-        return rewards
+        return RewardOutput(rewards)

@@ -19,8 +19,8 @@ def test_jpeg_reward_equals_pil_size_in_kb_and_sign():
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=95)
         sizes.append(len(buffer.getvalue()) / 1000)
-    incompressibility = JpegReward("incompressibility")(images, ["x"] * 3)
-    compressibility = JpegReward("compressibility")(images, ["x"] * 3)
+    incompressibility = JpegReward("incompressibility")(images, ["x"] * 3).scores
+    compressibility = JpegReward("compressibility")(images, ["x"] * 3).scores
     torch.testing.assert_close(incompressibility, torch.tensor(sizes))
     torch.testing.assert_close(compressibility, -torch.tensor(sizes))
     assert compressibility[0] > compressibility[1]

@@ -2,11 +2,13 @@
 
 import math
 
+import pytest
 import yaml
 
 from tests.test_train import FAST, metrics, run_train
 
 
+@pytest.mark.slow  # two training runs in parallel processes: about 13 s
 def test_joblib_runs_a_sweeps_jobs_in_parallel_each_in_its_own_folder(tmp_path):
     result = run_train(tmp_path, "-m", "hydra/launcher=local_parallel", "seed=0,1", *FAST, "epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -16,6 +18,7 @@ def test_joblib_runs_a_sweeps_jobs_in_parallel_each_in_its_own_folder(tmp_path):
     assert metrics(folders[0])[0]["reward_mean"] != metrics(folders[1])[0]["reward_mean"]  # seeds differ
 
 
+@pytest.mark.slow  # a training run under submitit's subprocess: about 13 s
 def test_submitit_runs_a_job_through_its_local_executor(tmp_path):
     """The SLURM launcher's code path but for srun: submitit pickles the job and runs it in a subprocess."""
     result = run_train(tmp_path, "-m", "hydra/launcher=submitit_local", "seed=3", *FAST, "epochs=1")
@@ -33,6 +36,7 @@ def test_the_slurm_launcher_config_fits_submitits_schema(tmp_path):
     assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu", 1, 1)
 
 
+@pytest.mark.slow  # two training runs (trials): about 9 s
 def test_optuna_search_maximises_the_held_out_reward_the_runs_return(tmp_path):
     result = run_train(tmp_path, "-m", "hparams_search=ddpo_toy", "hydra.sweeper.n_trials=2", *FAST, "epochs=1",
                        "eval.every=1", "eval.num_images=4")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rlfuse.advantages import pair_preferences
-from rlfuse.sampling import Policy
+from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
 
@@ -72,6 +72,7 @@ class D3PO:
 
     needs_reference = True  # ratios are taken against the base model
     pairs = True            # rows 2i, 2i+1 are trained together, on the same denoising steps
+    single_update = False   # PPO-style clipped ratios: several optimizer steps per round are fine
 
     def __init__(self, beta: float = 0.1, clip_range: float = 0.1):
         if beta <= 0 or not 0 < clip_range < 1:
@@ -79,12 +80,14 @@ class D3PO:
         self.beta = beta
         self.clip_range = clip_range
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """(B,) preference signs for pairs of consecutive rows (prompts must agree within a pair);
-        rewards (B,) or (B, R) reward terms (Pareto). Diagnostic: the share of pairs decided."""
+    def advantages(self, prompts: list[str], rewards: torch.Tensor,
+                   terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(B,) preference signs for pairs of consecutive rows (prompts must agree within a pair), from
+        rewards (B,) or, when the reward has several terms (B, R), by Pareto dominance over them.
+        Diagnostic: the share of pairs decided."""
         if any(prompts[i] != prompts[i + 1] for i in range(0, len(prompts) - 1, 2)):
             raise ValueError("D3PO pairs must share their prompt: sample an even number of images per prompt")
-        preferences = pair_preferences(rewards)
+        preferences = pair_preferences(terms if terms is not None and terms.shape[-1] > 0 else rewards)
         return preferences, {"pairs_decided": float((preferences[0::2] != 0).float().mean())}
 
     def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from rlfuse.advantages import PerPromptStatTracker, normalize_batch
-from rlfuse.sampling import Policy
+from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
 ESTIMATORS = ("ppo", "score_function")
@@ -106,7 +106,8 @@ class DDPO:
         self.adv_clip_max = adv_clip_max
         self.stat_tracker = PerPromptStatTracker(buffer_size, min_count) if advantages == "per_prompt" else None
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def advantages(self, prompts: list[str], rewards: torch.Tensor,
+                   terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) advantages for the all-process batch (prompts: B strings, rewards: (B,)), and no diagnostics."""
         if self.stat_tracker is not None:
             return self.stat_tracker.update(prompts, rewards), {}

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlfuse.advantages import PerPromptStatTracker, normalize_batch
-from rlfuse.sampling import Policy, Transition, gaussian_log_prob
+from rlfuse.dynamics.ddim import Transition, gaussian_log_prob
+from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
 BASELINES = ("per_prompt", "batch", "none", "value")
@@ -124,6 +125,7 @@ class DPOK:
 
     needs_reference = True
     pairs = False
+    single_update = False
 
     def __init__(self, reward_weight: float = 100.0, kl_weight: float = 0.01, clip_range: float = 1e-4,
                  baseline: str = "per_prompt", buffer_size: int = 16, min_count: int = 16,
@@ -138,7 +140,8 @@ class DPOK:
         self.value_optimizer: torch.optim.Optimizer | None = None
         self._pending_value_state: dict | None = None
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def advantages(self, prompts: list[str], rewards: torch.Tensor,
+                   terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) advantages for the all-process batch; with baseline=value, the raw rewards (the value
         is subtracted per step in the loss)."""
         if self.stat_tracker is not None:
@@ -167,9 +170,9 @@ class DPOK:
         latents = batch.latents[rows, step_index]
         timesteps = batch.timesteps[rows, step_index]
         if self.value is None:
-            self._build_value(latents.shape[1], batch.prompt_embeds.shape[-1], latents.device)
+            self._build_value(latents.shape[1], batch.conditioning["prompt_embeds"].shape[-1], latents.device)
         with torch.autocast(device_type=latents.device.type, enabled=False):
-            values = self.value(latents, timesteps, batch.prompt_embeds)
+            values = self.value(latents, timesteps, batch.conditioning["prompt_embeds"])
             value_loss = F.mse_loss(values, batch.advantages.float())
         self.value_optimizer.zero_grad()
         value_loss.backward()

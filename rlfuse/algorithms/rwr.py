@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rlfuse.advantages import normalize_batch
-from rlfuse.sampling import Policy
+from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
 WEIGHTINGS = ("weighted", "sparse")
@@ -81,6 +81,7 @@ class RWR:
 
     needs_reference = False
     pairs = False
+    single_update = False
 
     def __init__(self, temperature: float = 0.5, per_prompt: bool = False, weighting: str = "weighted",
                  quantile: float = 0.9, normalize: bool = True):
@@ -91,7 +92,8 @@ class RWR:
         self.temperature, self.per_prompt, self.weighting, self.quantile = temperature, per_prompt, weighting, quantile
         self.normalize = normalize
 
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def advantages(self, prompts: list[str], rewards: torch.Tensor,
+                   terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(B,) weights for the all-process batch, and their effective sample size."""
         weights = rwr_weights(rewards, prompts if self.per_prompt else None, self.temperature, self.weighting,
                               self.quantile, self.normalize)
@@ -101,18 +103,10 @@ class RWR:
         """Noise each final sample x_0 to the timestep of recorded step `step_index` with fresh noise
         (torch's global generator, seeded per process and saved in checkpoints) and regress."""
         rows = torch.arange(len(batch), device=step_index.device)
-        scheduler = policy.scheduler
         samples = batch.next_latents[:, -1]                                  # (b, C, H, W) x_0
         timesteps = batch.timesteps[rows, step_index]                        # (b,)
         noise = torch.randn(samples.shape, dtype=samples.dtype).to(samples.device)
-        noisy = scheduler.add_noise(samples, noise, timesteps)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(samples, noise, timesteps)
-        else:
-            target = samples
-        prediction = policy.unet(noisy, timesteps, encoder_hidden_states=batch.prompt_embeds).sample
+        prediction, target = policy.denoise(samples, noise, timesteps, batch.conditioning)
         return weighted_denoising_loss(prediction, target, batch.advantages)
 
     def state_dict(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.clip import ClipEmbedder, check_clip_weights
 from rlfuse.rewards.weights import ensure_weights
 
@@ -66,9 +67,10 @@ class AestheticReward:
         self.head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.head.eval().requires_grad_(False).to(device)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float on CLIP's device."""
         with torch.set_grad_enabled(self.grad):
             embeddings = self.embedder.images(images)                  # (B, D), L2-normalised
             if self.head is None:
                 self._load_head(embeddings.shape[-1], embeddings.device)
-            return self.head(embeddings)
+            return RewardOutput(self.head(embeddings))

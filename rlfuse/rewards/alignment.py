@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.clip import ClipEmbedder, check_clip_weights
 
 
@@ -25,8 +26,9 @@ class AlignmentReward:
     def check_ready(self) -> None:
         check_clip_weights(self.clip_model, self.clip_pretrained, "reward.fn")
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float on CLIP's device."""
         with torch.set_grad_enabled(self.grad):
             image_embeddings = self.embedder.images(images)                           # (B, D)
             text_embeddings = self.embedder.texts(prompts, image_embeddings.device)  # (B, D)
-            return self.scale * (image_embeddings * text_embeddings).sum(dim=-1)
+            return RewardOutput(self.scale * (image_embeddings * text_embeddings).sum(dim=-1))

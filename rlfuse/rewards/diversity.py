@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.clip import ClipEmbedder, check_clip_weights
 
 
@@ -37,5 +38,6 @@ class DiversityReward:
         check_clip_weights(self.clip_model, self.clip_pretrained, "reward.fn")
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return group_diversity(self.embedder.images(images), prompts)
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float on CLIP's device."""
+        return RewardOutput(group_diversity(self.embedder.images(images), prompts))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.jpeg import to_uint8
 
 
@@ -32,7 +33,8 @@ def encode_png(image: np.ndarray) -> str:
 
 
 class HttpReward:
-    """reward = the scores a reward server returns for the images and prompts.
+    """reward = the scores a reward server returns for the images and prompts (the server answers
+    scores only, so terms and details are empty).
 
     Args:
         url: the server's base address, e.g. http://10.0.0.5:8765.
@@ -59,7 +61,8 @@ class HttpReward:
             raise ValueError(f"reward.fn.url={self.url!r}: no reward server answers ({reason}); start one with "
                              f"`python -m rlfuse.reward_server reward=<name> --port <port>` or fix the address") from None
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float32 on the CPU."""
         pixels = to_uint8(images)
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
@@ -70,7 +73,7 @@ class HttpReward:
                 raise RuntimeError(f"reward server {self.url} returned {len(rewards)} rewards for "
                                    f"{len(body['prompts'])} images")
             scores += rewards
-        return torch.tensor(scores, dtype=torch.float32)
+        return RewardOutput(torch.tensor(scores, dtype=torch.float32))
 
     def _post(self, body: dict) -> list[float]:
         data = json.dumps(body).encode()

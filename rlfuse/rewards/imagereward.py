@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlfuse.rewards.aesthetic import AestheticMLP
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.clip import ClipEmbedder
 from rlfuse.rewards.weights import ensure_weights
 
@@ -261,7 +262,8 @@ class ImageReward:
             model.load_state_dict(convert_state_dict(read_checkpoint(path)))  # strict: every tensor from the file
         self.model = model.eval().requires_grad_(False).to(device)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float on the model's device."""
         if self.model is None:
             self._load(images.device)
         device = next(self.model.parameters()).device
@@ -270,4 +272,4 @@ class ImageReward:
         with torch.set_grad_enabled(self.grad):
             pixel_values = self.preprocessor.preprocess(images.to(device))              # (B, 3, 224, 224)
             raw = self.model(pixel_values, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-            return (raw - SCORE_MEAN) / SCORE_STD                                        # (B,)
+            return RewardOutput((raw - SCORE_MEAN) / SCORE_STD)                          # (B,)

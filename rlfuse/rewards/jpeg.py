@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rlfuse.rewards.base import RewardOutput
+
 
 def jpeg_size_kb(image: np.ndarray, quality: int = 95) -> float:
     """Size in kB (1000 bytes) of a (H, W, 3) uint8 image saved as JPEG at `quality`."""
@@ -40,6 +42,7 @@ class JpegReward:
         self.sign = -1.0 if objective == "compressibility" else 1.0
         self.quality = quality
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        """scores: (B,) float32 on the CPU, signed kB."""
         sizes = [jpeg_size_kb(image, self.quality) for image in to_uint8(images)]
-        return self.sign * torch.tensor(sizes, dtype=torch.float32)
+        return RewardOutput(self.sign * torch.tensor(sizes, dtype=torch.float32))

@@ -4,11 +4,11 @@ trains on such combinations)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+from rlfuse.rewards.base import Reward, RewardOutput
 
 
 class MultiReward:
@@ -16,20 +16,18 @@ class MultiReward:
 
     Args:
         terms: {name: {"weight": float, "fn": a reward}} (Hydra builds each fn from its _target_).
-    After each call, `last_terms` holds {name: (B,) unweighted values} (logged as reward_<name>, and
-    the terms D3PO's Pareto preference compares) and `last_details` the same for logging.
+    Call: RewardOutput with scores the weighted sum (B,), terms {name: (B,) unweighted float on the CPU}
+    (logged as reward_<name>, and the terms D3PO's Pareto preference compares) and details the same.
     """
 
     def __init__(self, terms: Mapping[str, Mapping]):
         if not terms:
             raise ValueError("terms: give at least one reward term, e.g. terms.jpeg.fn._target_=...")
-        self.terms: dict[str, tuple[float, RewardFn]] = {}
+        self.terms: dict[str, tuple[float, Reward]] = {}
         for name, term in terms.items():
             if "fn" not in term or not callable(term["fn"]):
                 raise ValueError(f"terms.{name}: needs fn (a reward with a _target_) and weight")
             self.terms[name] = (float(term.get("weight", 1.0)), term["fn"])
-        self.last_terms: dict[str, torch.Tensor] = {}
-        self.last_details: dict[str, torch.Tensor] = {}
 
     def check_ready(self) -> None:
         for _, fn in self.terms.values():
@@ -41,8 +39,7 @@ class MultiReward:
             if hasattr(fn, "check_prompts"):
                 fn.check_prompts(prompts)
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        values = {name: fn(images, prompts).float().cpu() for name, (_, fn) in self.terms.items()}
-        self.last_terms = values
-        self.last_details = dict(values)
-        return sum(weight * values[name] for name, (weight, _) in self.terms.items())
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        values = {name: fn(images, prompts).scores.float().cpu() for name, (_, fn) in self.terms.items()}
+        total = sum(weight * values[name] for name, (weight, _) in self.terms.items())
+        return RewardOutput(total, terms=values, details=dict(values))

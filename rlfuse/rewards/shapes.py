@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from rlfuse.rewards.base import RewardOutput
 from rlfuse.rewards.jpeg import to_uint8
 from rlfuse.toy.detect import DetectedObject, detect_batch
 from rlfuse.toy.world import ParsedPrompt, RequiredObject, parse_prompt, relation_holds
@@ -46,8 +47,8 @@ class ShapesReward:
     criterion; an empty image scores 0. The score is 1 exactly when the detections are the requested
     objects, nothing else, in the requested relation.
 
-    Call: images (B, 3, H, W) float in [0, 1] (any device) and B prompts -> (B,) float32 on the CPU.
-    The per-criterion scores of the last call are in `last_details`: {criterion: (B,) float32}.
+    Call: images (B, 3, H, W) float in [0, 1] (any device) and B prompts -> RewardOutput with scores
+    (B,) float32 on the CPU and details {criterion: (B,) float32 on the CPU, NaN where it does not apply}.
     A prompt outside the grammar raises ValueError at call time, before any image is read, with a
     one-line message naming the prompt and giving valid examples.
 
@@ -58,7 +59,6 @@ class ShapesReward:
     def __init__(self, colour_tolerance: float = 48.0, min_area_fraction: float = 0.01):
         self.colour_tolerance = colour_tolerance
         self.min_area_fraction = min_area_fraction
-        self.last_details: dict[str, torch.Tensor] = {}
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise ValueError (one line, naming the first bad prompt) if any prompt is outside the grammar.
@@ -69,7 +69,7 @@ class ShapesReward:
             parse_prompt(prompt)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
             raise ValueError(
                 f"ShapesReward takes images (B, 3, H, W) and B prompts, "
@@ -81,8 +81,8 @@ class ShapesReward:
         scores = [score_detections(parsed, found) for parsed, found in zip(parsed_prompts, detections)]
         criteria = np.array([[score[name] for name in CRITERIA] for score in scores], dtype=np.float32)
         criteria = criteria.reshape(len(prompts), len(CRITERIA))  # (B, 5), NaN where a criterion does not apply
-        self.last_details = {name: torch.from_numpy(criteria[:, i].copy()) for i, name in enumerate(CRITERIA)}
-        return torch.from_numpy(np.nanmean(criteria, axis=1).astype(np.float32))
+        details = {name: torch.from_numpy(criteria[:, i].copy()) for i, name in enumerate(CRITERIA)}
+        return RewardOutput(torch.from_numpy(np.nanmean(criteria, axis=1).astype(np.float32)), details=details)
 
 
 def score_detections(parsed: ParsedPrompt, detections: list[DetectedObject]) -> dict[str, float]:

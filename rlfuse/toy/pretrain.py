@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlfuse.cli import UserError, run_hydra_app
+from rlfuse.cli import run_hydra_app
+from rlfuse.errors import UserError
 from rlfuse.toy.world import CAPTION_KINDS, parse_prompt, render, sample_scene, split_prompts
 
 log = logging.getLogger("rlfuse")
@@ -228,8 +229,8 @@ def evaluate_vae(vae, prompts: Sequence[str], num_images: int, image_size: int, 
         reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
         originals01, reconstructions01 = images / 2 + 0.5, (reconstructions / 2 + 0.5).clamp(0, 1)
         squared_error += (reconstructions01 - originals01).pow(2).sum().item()
-        rewards.append(reward_fn(reconstructions01, captions))
-        original_rewards.append(reward_fn(originals01, captions))
+        rewards.append(reward_fn(reconstructions01, captions).scores)
+        original_rewards.append(reward_fn(originals01, captions).scores)
     return {"psnr_db": psnr_db(squared_error / (num_images * images[0].numel())),
             "reward": torch.cat(rewards).mean().item(),
             "reward_of_originals": torch.cat(original_rewards).mean().item()}
@@ -252,7 +253,7 @@ def evaluate_pipeline(pipeline, prompts: Sequence[str], num_steps: int, guidance
                       batch_size: int) -> dict[str, float]:
     """One image per prompt, image i from noise seed `seed + i`, scored by ShapesReward.
 
-    Returns reward (mean score), each criterion of `ShapesReward.last_details` (position: mean over
+    Returns reward (mean score), each criterion of ShapesReward's details (position: mean over
     relation captions only, where it applies), and reward_<kind> for each caption kind present.
     """
     from rlfuse.rewards.shapes import CRITERIA, ShapesReward
@@ -264,9 +265,10 @@ def evaluate_pipeline(pipeline, prompts: Sequence[str], num_steps: int, guidance
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         images = pipeline(batch, num_inference_steps=num_steps, guidance_scale=guidance_scale,
                           generator=generators, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-        scores.append(reward_fn(images, batch))
+        output = reward_fn(images, batch)
+        scores.append(output.scores)
         for name in CRITERIA:
-            details[name].append(reward_fn.last_details[name])
+            details[name].append(output.details[name])
     scores = torch.cat(scores).numpy()
     result = {"reward": float(scores.mean())}
     result.update({name: float(np.nanmean(torch.cat(values).numpy())) for name, values in details.items()})

@@ -1,6 +1,7 @@
 """End to end: headless Chromium (Playwright) annotates by clicking and by keyboard, in each task,
-and the labels land in labels.sqlite. Fails (never skips) when Chromium is missing: CI installs it
-(.ci/run); locally, `apt-get install -y chromium` (Debian) or set RLFUSE_CHROMIUM to a Chromium binary.
+and the labels land in labels.sqlite. Each test fails (never skips) with one line saying what to install
+when Chromium is missing: `make test` installs it with apt-get where it can (`make browser`); otherwise
+`sudo apt-get install chromium` (Debian/Ubuntu), or set RLFUSE_CHROMIUM to a Chromium binary.
 
 RLFUSE_UPDATE_SCREENSHOT=1 also writes the README's docs/annotate.png.
 """
@@ -21,17 +22,33 @@ from annotate_helpers import write_dataset
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def chromium_path() -> str:
-    path = os.environ.get("RLFUSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).is_file():
-        pytest.fail(f"no Chromium at {path}: apt-get install -y chromium (Debian), or set RLFUSE_CHROMIUM")
-    return path
+MISSING = ("rlfuse: the browser tests need Chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu) "
+           "or set RLFUSE_CHROMIUM=/path/to/chromium")
+
+
+def chromium_path() -> tuple[str | None, str]:
+    """(RLFUSE_CHROMIUM, else `chromium` on PATH, else /usr/bin/chromium; None if it is not an executable file,
+    the one-line reason)."""
+    given = os.environ.get("RLFUSE_CHROMIUM")
+    path = given or shutil.which("chromium") or "/usr/bin/chromium"
+    if Path(path).is_file() and os.access(path, os.X_OK):
+        return path, ""
+    if given:
+        return None, (f"rlfuse: RLFUSE_CHROMIUM={given} is not an executable file: point it at a Chromium binary, "
+                      "or unset it and run 'sudo apt-get install chromium' (Debian/Ubuntu)")
+    return None, MISSING
 
 
 @pytest.fixture(scope="module")
 def browser():
+    """The browser, or the one-line reason there is none: open_page fails each test with it (a failure, not a
+    skip, and not a setup error with Playwright's traceback)."""
+    path, missing = chromium_path()
+    if path is None:
+        yield missing
+        return
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=[
+        browser = playwright.chromium.launch(executable_path=path, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--no-first-run"])
         yield browser
@@ -44,6 +61,8 @@ def open_page(browser):
     contexts = []
 
     def open_(client, name: str | None = None, viewport=(1000, 620)):
+        if isinstance(browser, str):
+            pytest.fail(browser, pytrace=False)
         context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
         contexts.append(context)
         page = context.new_page()

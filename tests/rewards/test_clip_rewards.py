@@ -34,7 +34,7 @@ def test_aesthetic_reward_scores_normalised_clip_embeddings_with_the_head(tmp_pa
     torch.save(AestheticMLP(32).state_dict(), tmp_path / "head.pth")
     reward = AestheticReward(weights=str(tmp_path / "head.pth"), **TINY)
     reward.check_ready()
-    scores = reward(images, ["x"] * 4)
+    scores = reward(images, ["x"] * 4).scores
     head = AestheticMLP(32).eval()
     head.load_state_dict(torch.load(tmp_path / "head.pth"))
     embeddings = reward.embedder.images(images)
@@ -46,7 +46,7 @@ def test_aesthetic_reward_scores_normalised_clip_embeddings_with_the_head(tmp_pa
 def test_alignment_is_the_cosine_of_clip_embeddings_by_hand(images):
     reward = AlignmentReward(scale=2.0, **TINY)
     prompts = ["a red circle", "a dog", "two cats", "a blue square"]
-    scores = reward(images, prompts)
+    scores = reward(images, prompts).scores
     model, tokenizer = reward.embedder.model, reward.embedder.tokenizer
     with torch.no_grad():
         image_features = model.encode_image(reward.embedder.preprocess(images))
@@ -83,9 +83,9 @@ def test_group_diversity_by_hand():
 
 def test_diversity_reward_is_zero_for_identical_images_and_positive_for_different_ones(images):
     reward = DiversityReward(**TINY)
-    same = reward(images[:1].expand(3, -1, -1, -1), ["p"] * 3)
+    same = reward(images[:1].expand(3, -1, -1, -1), ["p"] * 3).scores
     assert torch.allclose(same, torch.zeros(3), atol=1e-5)
-    assert (reward(images, ["p"] * 4) > 0).all()
+    assert (reward(images, ["p"] * 4).scores > 0).all()
 
 
 def test_missing_clip_weights_offline_fail_with_what_to_download(monkeypatch):

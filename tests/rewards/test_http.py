@@ -58,7 +58,7 @@ def test_scores_over_http_equal_the_reward_in_process_across_batches(jpeg_server
     prompts = [f"p{i}" for i in range(5)]
     client = HttpReward(jpeg_server, batch_size=2)  # 3 requests
     client.check_ready()
-    torch.testing.assert_close(client(images, prompts), JpegReward()(images, prompts))
+    torch.testing.assert_close(client(images, prompts).scores, JpegReward()(images, prompts).scores)
 
 
 def test_server_down_fails_at_start_up_and_mid_run_after_the_retries():
@@ -73,7 +73,7 @@ def test_a_server_error_is_retried_and_the_answer_used():
     server, calls = fake_server([(503, b'{"error": "busy"}'), (200, b'{"rewards": [0.25]}')])
     try:
         reward = HttpReward(f"http://127.0.0.1:{server.server_address[1]}", retries=2, backoff=0.01)
-        assert reward(torch.rand(1, 3, 8, 8), ["p"]).tolist() == [0.25]
+        assert reward(torch.rand(1, 3, 8, 8), ["p"]).scores.tolist() == [0.25]
         assert calls == [503, 200]
     finally:
         server.shutdown()
@@ -160,7 +160,7 @@ def test_the_server_command_serves_a_reward_and_refuses_bad_arguments_in_one_lin
             except ValueError:
                 time.sleep(0.5)
         images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-        torch.testing.assert_close(reward(images, ["a", "b"]), JpegReward()(images, ["a", "b"]))
+        torch.testing.assert_close(reward(images, ["a", "b"]).scores, JpegReward()(images, ["a", "b"]).scores)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -143,7 +143,7 @@ def test_head_is_the_linear_map_768_1024_128_64_16_1_by_hand():
 
 def test_score_is_the_head_on_the_cls_output_standardised_with_the_published_mean_and_std(reward, images):
     prompts = ["a red circle", "two dogs on the left", "a cat"]
-    scores = reward(images, prompts)
+    scores = reward(images, prompts).scores
     model, tokens = reward.model, reward.tokenizer(prompts, padding="max_length", max_length=35, return_tensors="pt")
     with torch.no_grad():
         image_states = model.vision(pixel_values=reward.preprocessor.preprocess(images)).last_hidden_state
@@ -153,18 +153,18 @@ def test_score_is_the_head_on_the_cls_output_standardised_with_the_published_mea
     torch.testing.assert_close(scores, (raw - 0.16717362830052426) / 1.0333394966054072)
     # Both the image and the prompt matter (cross-attention), and a batch scores as its rows one by one.
     assert len(set(scores.tolist())) == 3
-    assert reward(images[:1], prompts[1:2]).item() != pytest.approx(scores[0].item(), abs=1e-4)
-    torch.testing.assert_close(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]) for i in range(3)]), scores)
+    assert reward(images[:1], prompts[1:2]).scores.item() != pytest.approx(scores[0].item(), abs=1e-4)
+    torch.testing.assert_close(torch.cat([reward(images[i:i + 1], prompts[i:i + 1]).scores for i in range(3)]), scores)
 
 
 def test_reward_is_a_float_vector_on_the_images_device_without_gradients_unless_asked(checkpoint_file, vocabulary,
                                                                                        reward, images):
-    scores = reward(images, ["a"] * 3)
+    scores = reward(images, ["a"] * 3).scores
     assert scores.shape == (3,) and scores.dtype == torch.float32 and scores.device == images.device
     assert not scores.requires_grad and not any(p.requires_grad for p in reward.model.parameters())
     with_grad = ImageReward(weights=str(checkpoint_file), tokenizer=str(vocabulary), architecture="tiny", grad=True)
     images = images.clone().requires_grad_(True)
-    with_grad(images, ["a"] * 3).sum().backward()
+    with_grad(images, ["a"] * 3).scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
@@ -229,8 +229,9 @@ def test_missing_or_broken_weights_and_tokenizer_fail_at_start_up_in_one_line(mo
 
 def test_missing_weights_stop_the_run_in_its_preflight_with_one_line(monkeypatch, tmp_path, vocabulary):
     """The trainer's checks before any folder or model (a UserError is one line and exit code 2)."""
-    from rlfuse.cli import UserError, check_overrides
-    from rlfuse.train import preflight
+    from rlfuse.cli import check_overrides
+    from rlfuse.config import preflight
+    from rlfuse.errors import UserError
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))

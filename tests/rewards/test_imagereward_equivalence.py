@@ -96,14 +96,14 @@ def test_scores_equal_the_original_imagereward_code_on_random_weights(work):
 
     # Images as the loop hands them over: (1, 3, H, W) floats in [0, 1], one pair at a time (sizes differ).
     images = [torch.from_numpy(np.array(Image.open(tmp_path / n))).permute(2, 0, 1)[None].float() / 255 for n in names]
-    ours = torch.tensor([reward(images[i], [PROMPTS[p]]).item() for i, p in PAIRS], dtype=torch.float64)
+    ours = torch.tensor([reward(images[i], [PROMPTS[p]]).scores.item() for i, p in PAIRS], dtype=torch.float64)
     theirs = torch.tensor(original["scores"], dtype=torch.float64)
     pixels = torch.cat([reward.preprocessor.preprocess(image) for image in images])
     original_pixels = torch.load(tmp_path / "original_pixels.pt")
     square = torch.tensor([index < SQUARE for index, _ in PAIRS])
     # A batch scores as its images one by one.
     batch = torch.cat([images[i] for i, _ in PAIRS[:SQUARE]])
-    batch_scores = reward(batch, [PROMPTS[p] for _, p in PAIRS[:SQUARE]]).double()
+    batch_scores = reward(batch, [PROMPTS[p] for _, p in PAIRS[:SQUARE]]).scores.double()
 
     spread = theirs.std().item()
     print(f"\noriginal scores {theirs.numpy().round(4)}\nrlfuse scores   {ours.numpy().round(4)}\n"

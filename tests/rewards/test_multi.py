@@ -13,10 +13,10 @@ def test_weighted_sum_of_terms_and_each_term_kept():
     prompts = ["a red circle", "two blue squares", "a green triangle"]
     jpeg, shapes = JpegReward(), ShapesReward()
     reward = MultiReward({"jpeg": {"weight": 0.5, "fn": jpeg}, "shapes": {"weight": 2.0, "fn": shapes}})
-    total = reward(images, prompts)
-    torch.testing.assert_close(total, 0.5 * jpeg(images, prompts) + 2.0 * shapes(images, prompts))
-    assert set(reward.last_terms) == {"jpeg", "shapes"}
-    torch.testing.assert_close(reward.last_terms["jpeg"], jpeg(images, prompts))
+    output = reward(images, prompts)
+    torch.testing.assert_close(output.scores, 0.5 * jpeg(images, prompts).scores + 2.0 * shapes(images, prompts).scores)
+    assert set(output.terms) == {"jpeg", "shapes"}
+    torch.testing.assert_close(output.terms["jpeg"], jpeg(images, prompts).scores)
 
 
 def test_prompt_checks_reach_the_terms():

@@ -43,28 +43,29 @@ def rendered_captions() -> tuple[torch.Tensor, list[str]]:
 
 def test_every_rendered_caption_scores_one(reward, rendered_captions):
     images, captions = rendered_captions
-    scores = reward(images, captions)
+    output = reward(images, captions)
+    scores = output.scores
     assert scores.shape == (2000,) and scores.dtype == torch.float32
     assert torch.all(scores == 1.0)
     has_relation = torch.tensor([" of " in c or " above " in c or " below " in c for c in captions])
     for name in ("objects", "colour", "shape", "count"):
-        assert torch.all(reward.last_details[name] == 1.0)
-    assert torch.all(reward.last_details["position"][has_relation] == 1.0)
-    assert torch.all(reward.last_details["position"][~has_relation].isnan())
+        assert torch.all(output.details[name] == 1.0)
+    assert torch.all(output.details["position"][has_relation] == 1.0)
+    assert torch.all(output.details["position"][~has_relation].isnan())
 
 
 @pytest.mark.parametrize("sigma, noise_std", [(0.8, 0.03), (1.0, 0.02)])
 def test_blur_and_noise_like_a_vae_keep_the_score_at_one(reward, rendered_captions, sigma, noise_std):
     images, captions = rendered_captions
     degraded = blur_and_add_noise(images[:1000], sigma, noise_std, seed=0)
-    perfect_rate = (reward(degraded, captions[:1000]) == 1.0).float().mean().item()
+    perfect_rate = (reward(degraded, captions[:1000]).scores == 1.0).float().mean().item()
     assert perfect_rate >= 0.98
 
 
 def score_scene(reward: ShapesReward, objects: list[SceneObject], prompt: str) -> tuple[float, dict[str, float]]:
     image = render(Scene(objects, image_size=32))
-    score = reward(to_tensor([image]), [prompt])
-    return score.item(), {name: values.item() for name, values in reward.last_details.items()}
+    output = reward(to_tensor([image]), [prompt])
+    return output.scores.item(), {name: values.item() for name, values in output.details.items()}
 
 
 # (prompt, objects drawn, the one criterion the drawing gets wrong, its expected value)
@@ -150,9 +151,9 @@ def test_correct_hand_built_relation_scores_one(reward):
 
 def test_empty_image_scores_zero(reward):
     white = torch.ones(2, 3, 32, 32)
-    scores = reward(white, ["a red circle", "a red circle to the left of a blue square"])
-    assert scores.tolist() == [0.0, 0.0]
-    assert all(reward.last_details[name][0].item() == 0.0 for name in ("objects", "colour", "shape", "count"))
+    output = reward(white, ["a red circle", "a red circle to the left of a blue square"])
+    assert output.scores.tolist() == [0.0, 0.0]
+    assert all(output.details[name][0].item() == 0.0 for name in ("objects", "colour", "shape", "count"))
 
 
 def test_prompt_outside_grammar_raises_one_line_error_at_call(reward):
@@ -170,6 +171,6 @@ def test_reward_runs_without_gradients_at_64_px(reward):
     rng = np.random.default_rng(3)
     scenes, captions = zip(*(sample_scene(rng, 64) for _ in range(8)))
     images = to_tensor([render(scene) for scene in scenes]).requires_grad_()
-    scores = reward(images, list(captions))
+    scores = reward(images, list(captions)).scores
     assert not scores.requires_grad
     assert torch.all(scores == 1.0)

@@ -45,6 +45,7 @@ def test_default_tokenizer_knows_every_caption_word_and_fits_every_caption():
     assert summary["vocab_size"] == len(tokenizer)
 
 
+@pytest.mark.slow  # smoke_run: a smoke pretraining run in a subprocess, about 14 s
 def test_smoke_pipeline_loads_offline_and_generates_32px_images(smoke_run):
     from diffusers import StableDiffusionPipeline
 
@@ -58,6 +59,7 @@ def test_smoke_pipeline_loads_offline_and_generates_32px_images(smoke_run):
     assert torch.isfinite(images).all()
 
 
+@pytest.mark.slow  # smoke_run: a smoke pretraining run in a subprocess, about 14 s
 def test_smoke_record_holds_the_heldout_evaluation(smoke_run):
     from rlfuse.rewards.shapes import CRITERIA
 
@@ -73,12 +75,14 @@ def test_smoke_record_holds_the_heldout_evaluation(smoke_run):
     assert record["seed"] == record["config"]["seed"]
 
 
+@pytest.mark.slow  # smoke_run: a smoke pretraining run in a subprocess, about 14 s
 def test_smoke_folder_is_under_25_mb_and_leaves_no_temporary_folder(smoke_run):
     size = sum(path.stat().st_size for path in (smoke_run / PIPELINE_NAME).rglob("*") if path.is_file())
     assert size < 25e6
     assert not [path.name for path in smoke_run.iterdir() if ".tmp" in path.name]
 
 
+@pytest.mark.slow  # a second smoke pretraining run in a subprocess: about 14 s
 def test_same_seed_gives_the_same_losses_and_evaluation(smoke_run, tmp_path):
     run_smoke(tmp_path / "again")
     first = json.loads((smoke_run / RECORD_NAME).read_text())

@@ -92,3 +92,53 @@ def configure_unet(unet: torch.nn.Module, attention: str, gradient_checkpointing
         unet.enable_gradient_checkpointing()
     if compile_unet:
         unet.compile()                                   # in place: sampling and training both use it
+
+
+# ----------------------------------------------------------------------------- models on the hardware
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen parts (and of a LoRA's base weights) under mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def place_models(family, finetune: str, lora_rank: int, lora_alpha: float, lora_targets: list[str],
+                 mixed_precision: str, device: torch.device, attention: str, gradient_checkpointing: bool,
+                 compile_network: bool, channels_last: bool) -> torch.nn.Module:
+    """Move the family's parts to the device and make its network trainable; returns the network.
+
+    Frozen parts run in the mixed-precision dtype; trainable weights stay in fp32 (as DDPO's code).
+    With LoRA the base weights are cast too and only the adapters train.
+    """
+    from rlfuse.lora import add_lora, trainable_parameters
+
+    dtype = weight_dtype(mixed_precision)
+    cast = {"device": device} if dtype == torch.float32 else {"device": device, "dtype": dtype}
+    for part in family.frozen:
+        part.requires_grad_(False).to(**cast)
+    network = family.network
+    if finetune == "lora":
+        network.to(**cast)
+        add_lora(network, lora_rank, lora_alpha, lora_targets)
+        for p in trainable_parameters(network).values():
+            p.data = p.data.float()
+    else:
+        network.to(device).requires_grad_(True)
+    configure_unet(network, attention, gradient_checkpointing, compile_network, channels_last)
+    return network
+
+
+def make_accelerator(cpu: bool, mixed_precision: str, micro_steps_per_update: int, strategy: str, zero_stage: int,
+                     offload_optimizer: bool, max_grad_norm: float, fsdp_version: int, reshard_after_forward: bool,
+                     fsdp_cpu_offload: bool, allow_tf32: bool):
+    """The accelerate engine: one optimizer step per micro_steps_per_update backward passes."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=micro_steps_per_update,
+        **accelerator_plugins(strategy, zero_stage, offload_optimizer, max_grad_norm, fsdp_version,
+                              reshard_after_forward, fsdp_cpu_offload),
+    )
+    if allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator

@@ -13,6 +13,7 @@ previous checkpoints untouched and never a half-written one under a real name.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 PREFIX = "epoch_"
 
@@ -117,3 +118,65 @@ def load_checkpoint(folder: Path, module: torch.nn.Module) -> tuple[dict, dict]:
     optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
     return optimizer_state, state
+
+
+# ----------------------------------------------------------------------------- the checkpoint stage
+
+
+def save_epoch(accelerator, run_dir: Path, epoch: int, final: bool, family, network: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, algorithm_state: dict, finetune: str, sharded: bool,
+               keep: int) -> None:
+    """Checkpoint a finished epoch (rank 0 writes atomically; every process waits for it).
+
+    network: the trained network as the engine holds it. Exports: LoRA in the diffusers format each
+    time; after full fine-tuning, a whole pipeline folder at the final epoch. Under sharded engines
+    (DeepSpeed, FSDP) the whole weights are gathered with every process taking part, and the
+    optimizer moments, sharded across processes, are not saved.
+    """
+    from accelerate.utils import gather_object
+
+    from rlfuse.lora import trainable_parameters
+
+    rng_states = gather_object([rng_state()])  # one per process, in rank order
+    gathered_weights = accelerator.get_state_dict(network) if sharded else None
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(network)
+
+        def export(folder: Path) -> None:
+            if finetune == "lora":
+                family.export_lora(inner, folder / "lora")
+            elif final:
+                whole = inner
+                if sharded:  # a whole network on rank 0, from the gathered weights
+                    whole = type(inner).from_config(inner.config)
+                    whole.load_state_dict(gathered_weights)
+                family.export_pipeline(whole, folder / "pipeline")
+
+        extra = {"algorithm": algorithm_state, "rng_per_process": rng_states,
+                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+        trainable = trainable_parameters(inner)
+        if sharded:
+            trainable = {name: gathered_weights[name] for name in trainable}
+        saved = save_checkpoint(run_dir, epoch, trainable, {} if sharded else optimizer.state_dict(), extra, export,
+                                keep)
+        logging.getLogger("rlfuse").info("checkpoint: %s", saved)
+    accelerator.wait_for_everyone()
+
+
+def restore(accelerator, optimizer: torch.optim.Optimizer, algorithm, optimizer_state: dict, state: dict) -> int:
+    """Resume, after the weights went in (load_checkpoint, before the engine wrapped the network):
+    the optimizer (and fp16 loss scale), the algorithm's state, this process's RNG. Returns the first
+    epoch to run."""
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    elif accelerator.is_main_process:
+        logging.getLogger("rlfuse").warning(
+            "resuming a sharded run: the optimizer moments restart (they are sharded across processes and "
+            "not in the checkpoint)")
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    algorithm.load_state_dict(state["algorithm"])
+    rng_states = state["rng_per_process"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_rng_state(rng_states[rank] if len(rng_states) == world else rng_states[0])
+    return state["epoch"] + 1

@@ -1,0 +1,320 @@
+"""From the Hydra config to plain objects: the start-up check (preflight), builders, and resume.
+
+Every mistake a user can make in the config stops here, before any run folder is made or model
+loaded, with one line naming the key and what would be valid (rlfuse.errors.UserError; the
+command-line edge turns it into exit code 2). Only the top layer (train.py, sample.py, ...) and
+this module read the config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlfuse.errors import UserError, check
+
+# Keys that may change between a run and its continuation: how long, how chatty, how resumed.
+RESUME_FREE_KEYS = ("resume", "epochs", "progress")
+
+
+# ----------------------------------------------------------------------------- generic checks
+
+
+def missing_keys(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is still '???' (OmegaConf's mandatory marker), without resolving anything."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in missing_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "???" else []
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """Every ??? key is set and every interpolation resolves; else one line naming the key."""
+    missing = missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        raise UserError(f"{', '.join(missing)}: required but not set; give it on the command line, e.g. {missing[0]}=...")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", "") or "the config"
+        raise UserError(f"{key}: {str(error).splitlines()[0]}") from None
+
+
+def build(node: DictConfig, key: str):
+    """hydra.utils.instantiate with the constructor's complaint as one line naming the key."""
+    import hydra.utils
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise UserError(f"{key}: {str(cause).strip().splitlines()[-1]}") from None
+
+
+def family_of(cfg: DictConfig) -> type:
+    from rlfuse.families import family_class
+
+    return family_class(cfg.model.get("family", "sd"))
+
+
+def check_resolution(cfg: DictConfig) -> None:
+    """model.resolution makes latents of a whole size: a multiple of the VAE's factor."""
+    multiple = family_of(cfg).resolution_multiple(cfg.model.pretrained, cfg.model.revision)
+    resolution = cfg.model.resolution
+    check(resolution >= multiple and resolution % multiple == 0,
+          f"model.resolution={resolution}: must be a positive multiple of {multiple} for model={cfg.model.name} "
+          f"(its VAE's factor); use {max(multiple, resolution // multiple * multiple)}")
+
+
+def trainable_steps(sampler, num_steps: int, min_step_std: float) -> torch.Tensor:
+    """(T',) indices of the sampler steps whose std is at least min_step_std: the steps trained on.
+
+    A step's log-prob gradient is (x_{t-1} - mean) / std^2 * d mean / d eps: for a nearly deterministic
+    step (the last DDIM steps: std 0.04 and 0.02 of 10 on the toy model, against 0.26-0.78) it is
+    mostly sampler noise, 8x the others in size, and it dominates an update (docs/algorithms.md).
+    """
+    return torch.nonzero(sampler.step_stds(num_steps) >= min_step_std).flatten()
+
+
+def check_hardware_config(hw: DictConfig, finetune: str) -> None:
+    """The hardware choices can run here, and accelerate's launch flags do not contradict them."""
+    from rlfuse.engine.hardware import check_hardware
+
+    try:
+        check_hardware(hw.strategy, hw.mixed_precision, hw.attention, hw.compile, hw.cpu, finetune,
+                       hw.get("deepspeed", {}).get("zero_stage", 2), hw.get("fsdp", {}).get("version", 2))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    for flag, strategy in (("ACCELERATE_USE_DEEPSPEED", "deepspeed"), ("ACCELERATE_USE_FSDP", "fsdp")):
+        check(os.environ.get(flag, "false").lower() != "true" or hw.strategy == strategy,
+              f"accelerate was launched for {strategy} but hardware.strategy={hw.strategy}: drop accelerate's "
+              f"--use_{strategy} flag and choose hardware={'deepspeed_zero2' if strategy == 'deepspeed' else 'fsdp'}")
+
+
+# ----------------------------------------------------------------------------- the training run
+
+
+@dataclass
+class Checked:
+    """What the preflight built, so that the run does not build it again."""
+
+    algorithm: object
+    reward: object
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    trainable_steps: torch.Tensor   # (T',) the sampler steps that may be trained on
+    replay: bool                    # feedback=human: the replay source instead of online sampling
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Counts, ranges and divisibility of the loop's settings."""
+    sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
+                "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
+                "algorithm.gradient_accumulation_steps", "checkpoint.every", "max_nonfinite_in_row"):
+        check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
+    check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
+    check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
+    check(0 <= algo.min_step_std < sample_cfg.eta,
+          f"algorithm.min_step_std={algo.min_step_std}: must be in [0, sample.eta={sample_cfg.eta}) (a step's std is "
+          f"at most eta)")
+    check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
+          f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
+          f"{sample_cfg.images_per_prompt}")
+    samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
+    check(samples_per_process % hw.train_batch_size == 0,
+          f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
+          f"({samples_per_process} = sample.batches_per_epoch x hardware.sample_batch_size)")
+    minibatches = samples_per_process // hw.train_batch_size
+    check(minibatches % algo.gradient_accumulation_steps == 0,
+          f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
+          f"minibatches per epoch ({minibatches})")
+    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+
+
+def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
+    """What the algorithm needs against what the source and the settings give, refused once, here."""
+    name = cfg.algorithm.name
+    if algorithm.pairs and not replay:  # rows 2i, 2i+1: two images of one prompt from the same noise
+        check(cfg.sample.images_per_prompt % 2 == 0 and cfg.sample.same_noise_per_prompt,
+              f"algorithm={name} trains on pairs of images of one prompt from the same initial noise: "
+              f"set sample.images_per_prompt to an even number and sample.same_noise_per_prompt=true")
+    if algorithm.pairs:
+        check(cfg.hardware.train_batch_size % 2 == 0,
+              f"hardware.train_batch_size={cfg.hardware.train_batch_size}: algorithm={name} needs an even "
+              f"minibatch (whole pairs)")
+    if replay:
+        check(algorithm.pairs, f"feedback=human: algorithm={name} cannot learn from preference labels; "
+                               f"add algorithm=d3po")
+    if algorithm.single_update:
+        check(cfg.algorithm.inner_epochs == 1, f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: the "
+                                               f"score-function estimator takes one step per sampling round; set "
+                                               f"algorithm.inner_epochs=1")
+
+
+def preflight(cfg: DictConfig) -> Checked:
+    """Check values, prompt files and weights before any folder is made or model loaded."""
+    from rlfuse.prompts import load_prompts
+
+    check_complete(cfg)
+    check_numbers(cfg)
+    check_hardware_config(cfg.hardware, cfg.model.finetune)
+    train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
+    family = family_of(cfg)
+    family.check_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
+    check_resolution(cfg)
+    sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta)
+    steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
+    check(len(steps) > 0,
+          f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
+          f"sample.num_steps={cfg.sample.num_steps}, eta={cfg.sample.eta}; lower it")
+    replay = OmegaConf.select(cfg, "feedback.name") == "human"
+    algorithm = build(cfg.algorithm.objective, "algorithm.objective")
+    check_capabilities(cfg, algorithm, replay)
+    if replay:  # labelled pairs replace sampling (rlfuse/sources/replay.py)
+        from rlfuse import feedback
+
+        feedback.check_dataset(cfg.feedback.path, feedback.sampling_settings(
+            cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
+            cfg.model.get("lora_weights"), cfg.model.resolution, cfg.sample.num_steps, cfg.sample.guidance_scale,
+            cfg.sample.eta))
+    reward = build(cfg.reward.fn, "reward.fn")
+    if hasattr(reward, "check_ready"):  # weights present, server answering: fail now, never mid-run
+        try:
+            reward.check_ready()
+        except ValueError as error:
+            raise UserError(str(error).strip().splitlines()[0]) from None
+    if hasattr(reward, "check_prompts"):  # rewards that only understand some prompts (reward=shapes)
+        try:
+            reward.check_prompts(train_prompts + eval_prompts)
+        except ValueError as error:
+            raise UserError(f"reward={cfg.reward.name} with prompts={cfg.prompts.name}: {error}") from None
+    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
+
+
+# ----------------------------------------------------------------------------- resume and the run folder
+
+
+def _comparable(config: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in RESUME_FREE_KEYS}
+
+
+def find_resume_folder(cfg: DictConfig) -> Path | None:
+    """The run folder that resume=<folder> or resume=auto points at (auto: None when none matches).
+
+    auto picks the newest run under run_root whose config equals this one (but for epochs,
+    progress and resume) and that has a checkpoint; <folder> must hold a checkpoint and the same config.
+    """
+    from rlfuse.engine.checkpoint import list_checkpoints
+
+    if cfg.resume is None:
+        return None
+    wanted = _comparable(cfg)
+    if cfg.resume == "auto":
+        candidates = sorted(Path(cfg.run_root).glob("**/.hydra/config.yaml"), key=lambda p: p.stat().st_mtime)
+        for saved in reversed(candidates):
+            if _comparable(OmegaConf.load(saved)) == wanted and list_checkpoints(saved.parent.parent):
+                return saved.parent.parent
+        return None
+    folder = Path(cfg.resume).expanduser()
+    saved = folder / ".hydra" / "config.yaml"
+    check(saved.is_file(), f"resume={cfg.resume!r}: not a run folder (no .hydra/config.yaml); give a folder under "
+                           f"{cfg.run_root}/ or resume=auto")
+    check(bool(list_checkpoints(folder)), f"resume={cfg.resume!r}: the folder holds no checkpoint to resume from")
+    previous = _comparable(OmegaConf.load(saved))
+    changed = sorted(k for k in set(previous) | set(wanted) if previous.get(k) != wanted.get(k))
+    check(not changed, f"resume={cfg.resume!r}: the run was made with a different config ({', '.join(changed)} "
+                       f"differ); resume with the same overrides, or start a new run")
+    return folder
+
+
+def startup_overrides(cfg: DictConfig) -> list[str]:
+    """Run before Hydra makes the run folder: fail fast on bad values, and reuse a resumed run's folder."""
+    preflight(cfg)
+    folder = find_resume_folder(cfg)
+    return [f"hydra.run.dir={folder.resolve()}"] if folder is not None else []
+
+
+# ----------------------------------------------------------------------------- plain settings for the stages
+
+
+def steps_per_trajectory(cfg: DictConfig, checked: Checked) -> int:
+    """Steps trained per trajectory: timestep_fraction of those with enough sampler noise."""
+    return max(1, int(len(checked.trainable_steps) * cfg.algorithm.timestep_fraction))
+
+
+def micro_steps_per_update(cfg: DictConfig, checked: Checked) -> int:
+    """Backward passes per optimizer step: accumulation minibatches x steps per trajectory. The
+    score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round."""
+    minibatches = cfg.sample.batches_per_epoch * cfg.hardware.sample_batch_size // cfg.hardware.train_batch_size
+    accumulation = minibatches if checked.algorithm.single_update else cfg.algorithm.gradient_accumulation_steps
+    return accumulation * steps_per_trajectory(cfg, checked)
+
+
+def make_accelerator(cfg: DictConfig, checked: Checked):
+    from rlfuse.engine.hardware import make_accelerator as make
+
+    hw, deepspeed, fsdp = cfg.hardware, cfg.hardware.get("deepspeed", {}), cfg.hardware.get("fsdp", {})
+    return make(hw.cpu, hw.mixed_precision, micro_steps_per_update(cfg, checked), hw.strategy,
+                deepspeed.get("zero_stage", 2), deepspeed.get("offload_optimizer", False),
+                cfg.algorithm.max_grad_norm, fsdp.get("version", 2), fsdp.get("reshard_after_forward", True),
+                fsdp.get("cpu_offload", False), hw.allow_tf32)
+
+
+def load_family(cfg: DictConfig):
+    m = cfg.model
+    return family_of(cfg).load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+
+
+def place_models(cfg: DictConfig, family, device: torch.device) -> torch.nn.Module:
+    from rlfuse.engine.hardware import place_models as place
+
+    m, hw = cfg.model, cfg.hardware
+    return place(family, m.finetune, m.lora.rank, m.lora.alpha, list(m.lora.target_modules), hw.mixed_precision,
+                 device, hw.attention, hw.gradient_checkpointing, hw.compile, hw.channels_last)
+
+
+def make_optimizer(cfg: DictConfig, network: torch.nn.Module) -> torch.optim.Optimizer:
+    from rlfuse.lora import trainable_parameters
+
+    algo = cfg.algorithm
+    return torch.optim.AdamW(trainable_parameters(network).values(), lr=algo.learning_rate,
+                             betas=(algo.adam_beta1, algo.adam_beta2), weight_decay=algo.adam_weight_decay,
+                             eps=algo.adam_epsilon)
+
+
+def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, sampler, accelerator,
+                progress: bool):
+    """feedback=human: the replay source over the labelled dataset; otherwise online sampling."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if checked.replay:
+        from rlfuse.sources.replay import load_replay
+
+        return load_replay(cfg.feedback.path, family, device, cfg.seed, rank, world, cfg.log.grid_images)
+    from rlfuse.sources.online import OnlineSettings, OnlineSource
+
+    s = cfg.sample
+    settings = OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
+                              s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images)
+    return OnlineSource(network, family, sampler, checked.reward, checked.train_prompts,
+                        family.latent_shape(cfg.model.resolution), settings, rank, world, device,
+                        accelerator.autocast, progress)
+
+
+def optimize_settings(cfg: DictConfig, checked: Checked):
+    from rlfuse.engine.optimize import OptimizeSettings
+
+    return OptimizeSettings(cfg.seed, cfg.algorithm.inner_epochs, cfg.hardware.train_batch_size,
+                            steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm)
+
+
+def eval_settings(cfg: DictConfig, checked: Checked):
+    from rlfuse.engine.evaluation import EvalSettings
+
+    return EvalSettings(checked.eval_prompts, cfg.eval.num_images, cfg.eval.seed, cfg.sample.num_steps,
+                        cfg.sample.guidance_scale)
