@@ -22,25 +22,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from rlfuse.algorithms.ddpo import DDPO  # noqa: E402
-from rlfuse.model import add_lora, build_tiny_pipeline, trainable_parameters  # noqa: E402
-from rlfuse.sampling import Policy, encode_prompts, sample_trajectories  # noqa: E402
-from rlfuse.trajectories import Trajectories  # noqa: E402
+from rlfuse.families.sd import StableDiffusion  # noqa: E402
+from rlfuse.lora import add_lora, trainable_parameters  # noqa: E402
+from rlfuse.policy import Policy  # noqa: E402
+from rlfuse.rollout import Rollout, sample_chain  # noqa: E402
+from rlfuse.seeding import generators, initial_noise, seed_for  # noqa: E402
+from rlfuse.trajectories import Conditioning, Trajectories  # noqa: E402
 
 CONFIG = {"batch_size": 8, "num_steps": 10, "guidance_scale": 5.0, "eta": 1.0, "resolution": 32,
           "lora_rank": 4, "train_batch_size": 4}
 
 
-def sample_batch(pipeline, prompt_embeds, negative_embeds, seed: int) -> Trajectories:
-    batch = prompt_embeds.shape[0]
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-    initial = torch.stack([torch.randn(4, 16, 16, generator=g) for g in generators])
-    latents, log_probs, timesteps = sample_trajectories(
-        pipeline.unet, pipeline.scheduler, prompt_embeds, negative_embeds, initial, CONFIG["num_steps"],
-        CONFIG["guidance_scale"], CONFIG["eta"], generators)
-    return Trajectories(prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, latents=latents[:, :-1],
-                        next_latents=latents[:, 1:], timesteps=timesteps.expand(batch, -1),
-                        log_probs=log_probs, rewards=torch.zeros(batch), advantages=torch.randn(batch),
-                        prompts=["a cat"] * batch, sample_ids=torch.arange(batch))
+def sample_batch(family: StableDiffusion, sampler, conditioning: Conditioning, latent_shape: tuple[int, ...],
+                 seed: int) -> Trajectories:
+    """One batch through rlfuse.rollout's chain (seeded x_T, DDIM with log-probs), as Trajectories.
+
+    The prompts are encoded once outside (they are the same every batch) and the chains are not
+    decoded: the figure is the denoising loop's throughput."""
+    batch = len(conditioning)
+    noise_seeds = [seed_for(seed, 1, i) for i in range(batch)]
+    step_seeds = [seed_for(seed, 2, i) for i in range(batch)]
+    chains, log_probs, timesteps = sample_chain(
+        family.network, family, sampler, conditioning, initial_noise(latent_shape, noise_seeds), CONFIG["num_steps"],
+        CONFIG["guidance_scale"], generators(step_seeds))
+    sampled = Rollout(chains, log_probs, timesteps, conditioning, images=None)  # not decoded
+    return sampled.trajectories(["a cat"] * batch, torch.arange(batch), torch.zeros(batch)).with_advantages(
+        torch.randn(batch))
 
 
 def main() -> None:
@@ -50,19 +57,20 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    pipeline = build_tiny_pipeline(seed=0)
-    add_lora(pipeline.unet, CONFIG["lora_rank"], CONFIG["lora_rank"], ["to_q", "to_k", "to_v", "to_out.0"])
+    family = StableDiffusion.load(None, tiny_seed=0)  # model=tiny
+    add_lora(family.network, CONFIG["lora_rank"], CONFIG["lora_rank"], ["to_q", "to_k", "to_v", "to_out.0"])
     objective = DDPO(clip_range=1e-4, advantages="batch")
-    optimizer = torch.optim.AdamW(trainable_parameters(pipeline.unet).values(), lr=3e-4)
-    prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, ["a cat"] * CONFIG["batch_size"], "cpu")
-    negative_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], "cpu").expand_as(prompt_embeds)
+    optimizer = torch.optim.AdamW(trainable_parameters(family.network).values(), lr=3e-4)
+    sampler = family.sampler(CONFIG["eta"])
+    latent_shape = family.latent_shape(CONFIG["resolution"])
+    conditioning = family.encode_prompts(["a cat"] * CONFIG["batch_size"], torch.device("cpu"))
 
-    policy = Policy(pipeline.unet, pipeline.scheduler, CONFIG["guidance_scale"], CONFIG["eta"])
-    samples = sample_batch(pipeline, prompt_embeds, negative_embeds, seed=0)  # warm-up
+    policy = Policy(family.network, family, sampler, CONFIG["guidance_scale"])
+    samples = sample_batch(family, sampler, conditioning, latent_shape, seed=0)  # warm-up
     sampling, training = [], []
     for repeat in range(args.repeats):
         start = time.perf_counter()
-        samples = sample_batch(pipeline, prompt_embeds, negative_embeds, seed=repeat)
+        samples = sample_batch(family, sampler, conditioning, latent_shape, seed=repeat)
         sampling.append(CONFIG["batch_size"] / (time.perf_counter() - start))
 
         start = time.perf_counter()

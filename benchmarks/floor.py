@@ -5,7 +5,8 @@ and how an epoch's time grows with batch size, denoising steps and resolution.
     python benchmarks/floor.py --scaling         # also the scaling sweep on model=tiny -> docs/scaling.png
 
 Floor: the same UNet forward passes with the same shapes in a bare loop (inference mode, batch 2B
-for guidance, T steps), against rlfuse.sampling.sample_trajectories (DDIM with log-probs); and bare
+for guidance, T steps), against rlfuse.rollout's chain (sample_chain: DDIM with log-probs), and the
+whole rollout (encode, chain, decode) plus the reward against the same bare loop; and bare
 forward+backward passes against rlfuse's training step (recomputed log-prob with gradients, DDPO's
 PPO loss, backward, AdamW step). Levers: each variant against its baseline in alternation in one
 process, one thread (torch.set_num_threads(1)); ratios variant / baseline, median and spread over
@@ -26,14 +27,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 from rlfuse.algorithms.ddpo import DDPO  # noqa: E402
-from rlfuse.model import add_lora, build_tiny_pipeline, trainable_parameters  # noqa: E402
+from rlfuse.families.sd import StableDiffusion  # noqa: E402
+from rlfuse.lora import add_lora, trainable_parameters  # noqa: E402
+from rlfuse.policy import Policy  # noqa: E402
 from rlfuse.rewards.jpeg import JpegReward  # noqa: E402
-from rlfuse.sampling import Policy, encode_prompts, sample_trajectories  # noqa: E402
-from rlfuse.train import decode  # noqa: E402
+from rlfuse.rollout import Rollout, rollout, sample_chain  # noqa: E402
+from rlfuse.seeding import generators, initial_noise, seed_for  # noqa: E402
 from rlfuse.trajectories import Trajectories  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,25 +44,28 @@ BATCH, STEPS, TRAIN_BATCH, TRAIN_STEPS, GUIDANCE, ETA = 8, 10, 4, 5, 5.0, 1.0
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-def load(model: str) -> StableDiffusionPipeline:
-    if model == "tiny":
-        pipeline = build_tiny_pipeline(seed=0)
-    else:
-        pipeline = StableDiffusionPipeline.from_pretrained(ROOT / "rlfuse" / "toy" / "pretrained", safety_checker=None,
-                                                           requires_safety_checker=False)
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    add_lora(pipeline.unet, 4, 4, TARGETS)
-    pipeline.unet.set_attn_processor(AttnProcessor2_0())
-    return pipeline
+def load(model: str) -> StableDiffusion:
+    """model=tiny (built in code) or model=toy (the shipped folder), DDIM, LoRA on TARGETS, SDPA attention."""
+    family = StableDiffusion.load(None if model == "tiny" else str(ROOT / "rlfuse" / "toy" / "pretrained"), tiny_seed=0)
+    add_lora(family.network, 4, 4, TARGETS)
+    family.network.set_attn_processor(AttnProcessor2_0())
+    return family
 
 
 class Bench:
-    """One pipeline, its embeddings and an optimizer, with the timed pieces as methods."""
+    """One model family, its prompts' conditioning and an optimizer, with the timed pieces as methods."""
 
-    def __init__(self, pipeline: StableDiffusionPipeline, batch: int = BATCH, steps: int = STEPS, latent: int = 16):
-        self.pipeline, self.unet, self.batch, self.steps, self.latent = pipeline, pipeline.unet, batch, steps, latent
-        self.embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, ["a cat"] * batch, "cpu")
-        self.negative = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], "cpu").expand_as(self.embeds)
+    def __init__(self, family: StableDiffusion, batch: int = BATCH, steps: int = STEPS, resolution: int = 32):
+        self.family, self.unet, self.batch, self.steps = family, family.network, batch, steps
+        self.sampler = family.sampler(ETA)
+        self.latent_shape = family.latent_shape(resolution)
+        self.device = torch.device("cpu")
+        self.prompts = ["a cat"] * batch
+        self.conditioning = family.encode_prompts(self.prompts, self.device)
+        self.embeds, self.negative = self.conditioning["prompt_embeds"], self.conditioning["negative_embeds"]
+        self.noise_seeds = [seed_for(0, 1, i) for i in range(batch)]
+        self.step_seeds = [seed_for(0, 2, i) for i in range(batch)]
+        self.policy = Policy(self.unet, family, self.sampler, GUIDANCE)
         self.objective = DDPO(clip_range=1e-4, advantages="batch")
         self.optimizer_kwargs: dict = {}
         self.make_optimizer()
@@ -76,36 +81,40 @@ class Bench:
 
     def floor_sampling(self) -> None:
         """The same UNet forwards as sampling, nothing else: T x (2B, C, h, w)."""
-        x = torch.randn(2 * self.batch, 4, self.latent, self.latent)
+        x = torch.randn(2 * self.batch, *self.latent_shape)
         states = torch.cat([self.negative, self.embeds])
         with torch.inference_mode(), self.context():
             for t in range(self.steps):
                 self.unet(x, torch.full((2 * self.batch,), 999 - 100 * t), encoder_hidden_states=states)
 
+    def trajectories(self, sampled: Rollout, rewards: torch.Tensor) -> Trajectories:
+        """The batch as training data, with random advantages (the training work does not depend on them)."""
+        return sampled.trajectories(self.prompts, torch.arange(self.batch), rewards).with_advantages(
+            torch.randn(self.batch))
+
     def sample(self, grad_mode=None) -> Trajectories:
-        generators = [torch.Generator().manual_seed(i) for i in range(self.batch)]
-        initial = torch.randn(self.batch, 4, self.latent, self.latent, generator=generators[0])
-        rollout = sample_trajectories if grad_mode is None else sample_trajectories.__wrapped__
+        """rlfuse's denoising chain alone (rlfuse.rollout.sample_chain: prompts encoded once in __init__,
+        no decoding), in inference mode or, with grad_mode, in that mode instead."""
+        chain = sample_chain if grad_mode is None else sample_chain.__wrapped__
         with grad_mode or nullcontext(), self.context():
-            latents, log_probs, timesteps = rollout(self.unet, self.pipeline.scheduler, self.embeds, self.negative,
-                                                    initial, self.steps, GUIDANCE, ETA, generators)
-        return Trajectories(prompt_embeds=self.embeds.clone(), negative_embeds=self.negative.clone(),
-                            latents=latents[:, :-1].clone(), next_latents=latents[:, 1:].clone(),
-                            timesteps=timesteps.expand(self.batch, -1).clone(), log_probs=log_probs.clone(),
-                            rewards=torch.zeros(self.batch), advantages=torch.randn(self.batch),
-                            prompts=["a cat"] * self.batch, sample_ids=torch.arange(self.batch))
+            chains, log_probs, timesteps = chain(self.unet, self.family, self.sampler, self.conditioning,
+                                                 initial_noise(self.latent_shape, self.noise_seeds), self.steps,
+                                                 GUIDANCE, generators(self.step_seeds))
+        return self.trajectories(Rollout(chains, log_probs, timesteps, self.conditioning, images=None),  # not decoded
+                                 torch.zeros(self.batch))
 
     def sample_no_grad(self) -> Trajectories:
         return self.sample(torch.no_grad())
 
-    def decode_and_reward(self) -> None:
-        with torch.inference_mode():
-            images = decode(self.pipeline.vae, self.samples.next_latents[:, -1])
-        self.reward(images, self.samples.prompts)
+    def sample_decode_reward(self) -> Trajectories:
+        """rlfuse's whole rollout (encode the prompts, chain, decode) and the reward of its images."""
+        sampled = rollout(self.unet, self.family, self.sampler, self.prompts, self.noise_seeds, self.step_seeds,
+                          self.latent_shape, self.steps, GUIDANCE, self.device, self.context)
+        return self.trajectories(sampled, self.reward(sampled.images, self.prompts).scores.float())
 
     def floor_training(self) -> None:
         """The same forward+backward passes as training: (B / b) x TRAIN_STEPS x (2b, C, h, w)."""
-        x = torch.randn(2 * TRAIN_BATCH, 4, self.latent, self.latent)
+        x = torch.randn(2 * TRAIN_BATCH, *self.latent_shape)
         states = torch.cat([self.negative[:TRAIN_BATCH], self.embeds[:TRAIN_BATCH]])
         for _ in range(self.batch // TRAIN_BATCH):
             for t in range(TRAIN_STEPS):
@@ -115,20 +124,18 @@ class Bench:
 
     def train(self) -> None:
         """rlfuse's training of the batch: log-probs with gradients, PPO loss, backward, AdamW step."""
-        policy = Policy(self.unet, self.pipeline.scheduler, GUIDANCE, ETA)
         for rows in torch.arange(self.batch).split(TRAIN_BATCH):
             batch = self.samples[rows]
             for step in range(TRAIN_STEPS):
                 with self.context():
-                    loss, _ = self.objective.loss(policy, batch, torch.full((len(batch),), step))
+                    loss, _ = self.objective.loss(self.policy, batch, torch.full((len(batch),), step))
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable_parameters(self.unet).values(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad()
 
     def epoch(self) -> None:
-        self.samples = self.sample()
-        self.decode_and_reward()
+        self.samples = self.sample_decode_reward()
         self.train()
 
 
@@ -184,7 +191,7 @@ def levers(bench: Bench, repeats: int) -> dict:
 
     def two_forwards():
         """Guidance as two UNet calls of B instead of one of 2B (the lever 'one batched forward')."""
-        x = torch.randn(bench.batch, 4, bench.latent, bench.latent)
+        x = torch.randn(bench.batch, *bench.latent_shape)
         with torch.inference_mode():
             for t in range(bench.steps):
                 ts = torch.full((bench.batch,), 999 - 100 * t)
@@ -192,10 +199,12 @@ def levers(bench: Bench, repeats: int) -> dict:
                 bench.unet(x, ts, encoder_hidden_states=bench.embeds)
 
     def encode_each():
-        encode_prompts(bench.pipeline.tokenizer, bench.pipeline.text_encoder, ["a cat"] * bench.batch, "cpu")
+        """The text encoder on all B prompts, as without the family's one-encode-per-distinct-prompt."""
+        bench.family._encode(bench.prompts, bench.device)
 
     def encode_once():
-        encode_prompts(bench.pipeline.tokenizer, bench.pipeline.text_encoder, ["a cat"], "cpu")
+        """What rlfuse does: family.encode_prompts encodes the one distinct prompt (the empty one is cached)."""
+        bench.family.encode_prompts(bench.prompts, bench.device)
 
     return alternate({
         "sampling: no_grad instead of inference_mode": (bench.sample, bench.sample_no_grad),
@@ -215,8 +224,7 @@ def levers(bench: Bench, repeats: int) -> dict:
 def floor(bench: Bench, repeats: int) -> dict:
     result = alternate({
         "sampling / bare forwards": (bench.floor_sampling, bench.sample),
-        "sampling + decode + reward / bare forwards": (bench.floor_sampling,
-                                                       lambda: (bench.sample(), bench.decode_and_reward())),
+        "sampling + decode + reward / bare forwards": (bench.floor_sampling, bench.sample_decode_reward),
         "training / bare forward+backward": (bench.floor_training, bench.train),
     }, repeats)
     trajectory = bench.samples
@@ -228,15 +236,14 @@ def floor(bench: Bench, repeats: int) -> dict:
 
 def scaling(repeats: int) -> dict:
     """Epoch time (sample B, decode, reward, train on TRAIN_STEPS steps) on model=tiny as one knob moves."""
-    pipeline = load("tiny")
+    family = load("tiny")
     sweeps = {"batch size": ("batch", [4, 8, 16, 32]), "denoising steps": ("steps", [5, 10, 20, 40]),
-              "resolution (px)": ("latent", [32, 64, 96])}
+              "resolution (px)": ("resolution", [32, 64, 96])}
     out = {}
     for title, (knob, values) in sweeps.items():
         out[title] = {"values": values, "seconds": [], "spread": []}
         for value in values:
-            kwargs = {knob: value // 2 if knob == "latent" else value}
-            bench = Bench(pipeline, **kwargs)
+            bench = Bench(family, **{knob: value})
             bench.epoch()   # warm-up
             times = [timed(bench.epoch) for _ in range(repeats)]
             out[title]["seconds"].append(statistics.median(times))

@@ -267,7 +267,7 @@ def main() -> None:
     models = (args.models or ("tiny,toy" if args.full else "tiny")).split(",")
     import torch
 
-    from rlfuse.model import build_tiny_pipeline
+    from rlfuse.families.tiny import build_tiny_pipeline
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = load_average()

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlfuse.cli import CONF_DIR, UserError, fail
+from rlfuse.cli import CONF_DIR, fail
+from rlfuse.errors import UserError
 
 # Curves plotted from metrics.jsonl when present: (file name, [(metric, label)]).
 CURVES = [
@@ -36,7 +37,7 @@ CURVES = [
 
 def find_checkpoint(path: Path) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) from a run folder (its newest checkpoint) or a checkpoint folder."""
-    from rlfuse.checkpoint import list_checkpoints
+    from rlfuse.engine.checkpoint import list_checkpoints
 
     if not path.is_dir():
         raise UserError(f"{path}: no such folder; give a run folder (outputs/...) or one of its checkpoints/epoch_N")
@@ -53,21 +54,22 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
 
 
 def load_models(run_cfg, checkpoint: Path):
-    """(base pipeline, fine-tuned pipeline) on the CPU; the fine-tuned one from the checkpoint's
-    exported LoRA (fused), its exported pipeline, or its trainable weights loaded into the base UNet."""
-    from rlfuse import model as models
-    from rlfuse.checkpoint import load_checkpoint
+    """(base family, fine-tuned family) on the CPU; the fine-tuned one from the checkpoint's exported
+    LoRA (fused), its exported pipeline, or its trainable weights loaded into the base network."""
+    from rlfuse.engine.checkpoint import load_checkpoint
+    from rlfuse.families import family_class
+    from rlfuse.families.sd import LORA_FILE
 
     m = run_cfg.model
-    base = models.load_pipeline(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+    family = family_class(m.get("family", "sd"))
+    base = family.load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
     if (checkpoint / "pipeline" / "model_index.json").is_file():
-        tuned = models.load_pipeline(str(checkpoint / "pipeline"))
-    else:
-        tuned = models.load_pipeline(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
-        if (checkpoint / "lora" / models.LORA_FILE).is_file():
-            models.fuse_lora(tuned, checkpoint / "lora")
-        else:  # a full fine-tune's intermediate checkpoint: the trained UNet weights themselves
-            load_checkpoint(checkpoint, tuned.unet)
+        return base, family.load(str(checkpoint / "pipeline"))
+    tuned = family.load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+    if (checkpoint / "lora" / LORA_FILE).is_file():
+        tuned.fuse_lora(checkpoint / "lora")
+    else:  # a full fine-tune's intermediate checkpoint: the trained weights themselves
+        load_checkpoint(checkpoint, tuned.network)
     return base, tuned
 
 
@@ -95,22 +97,17 @@ def build_reward(name: str, settings: list[str]):
     return reward
 
 
-@torch.no_grad()
-def sample_images(pipeline, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, eta: float,
+def sample_images(family, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, eta: float,
                   resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (B, 3, H, W) in [0, 1], final latents (B, C, h, w)) with the training loop's sampler."""
-    from rlfuse.sampling import encode_prompts, sample_trajectories
-    from rlfuse.train import decode, generators, seed_for
+    from rlfuse.rollout import rollout
+    from rlfuse.seeding import seed_for
 
-    device = torch.device("cpu")
-    unet = pipeline.unet.eval()
-    shape = (unet.config.in_channels, resolution // pipeline.vae_scale_factor, resolution // pipeline.vae_scale_factor)
-    embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts, device)
-    negative = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], device).expand(len(prompts), -1, -1)
-    initial = torch.stack([torch.randn(shape, generator=g) for g in generators([seed_for(s, 0) for s in seeds])])
-    latents, _, _ = sample_trajectories(unet, pipeline.scheduler, embeds, negative, initial, num_steps, guidance, eta,
-                                        generators([seed_for(s, 1) for s in seeds]))
-    return decode(pipeline.vae, latents[:, -1]), latents[:, -1]
+    network = family.network.eval()
+    sampled = rollout(network, family, family.sampler(eta), prompts, [seed_for(s, 0) for s in seeds],
+                      [seed_for(s, 1) for s in seeds], family.latent_shape(resolution), num_steps, guidance,
+                      torch.device("cpu"))
+    return sampled.images, sampled.chains[:, -1]
 
 
 def pairwise_pixel_distance(images: torch.Tensor, groups: int) -> float:
@@ -181,7 +178,7 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
 
     scores = {}
     for name, fn in reward_fns.items():
-        before, after = fn(base_images, prompts).float(), fn(tuned_images, prompts).float()
+        before, after = fn(base_images, prompts).scores.float(), fn(tuned_images, prompts).scores.float()
         scores[name] = {"base": float(before.mean()), "finetuned": float(after.mean()),
                         "change": float(after.mean() - before.mean()),
                         "stderr": float(torch.cat([before, after]).std() / math.sqrt(len(prompts))),

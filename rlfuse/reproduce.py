@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from rlfuse.cli import UserError, fail
+from rlfuse.cli import fail
+from rlfuse.errors import UserError
 
 # name -> (paper and where, the paper's published number (shown in REPORT.md), evaluation rewards at paper scale).
 # The numbers and their sources are in each experiment file's header (conf/experiment/<name>.yaml).
@@ -101,7 +102,7 @@ def needs_inputs(name: str) -> str | None:
     """What an experiment needs from the user before it can run (labels, a prompt file), or None."""
     from omegaconf import OmegaConf
 
-    from rlfuse.train import missing_keys
+    from rlfuse.config import missing_keys
 
     missing = missing_keys(OmegaConf.to_container(experiment_config(name), resolve=False))
     return ", ".join(missing) or None
@@ -115,7 +116,7 @@ def check_paper_scale() -> int:
         raise UserError("reproduce-paper at paper scale needs CUDA GPUs (8 for the published batch sizes; found none) "
                         "and the hub weights (stable-diffusion-v1-5, CLIP ViT-L/14, the LAION aesthetic predictor, "
                         "ImageReward); on this machine run `make reproduce-paper SCALE=toy`")
-    from rlfuse.model import check_pipeline_source
+    from rlfuse.families.sd import check_source as check_pipeline_source
 
     check_pipeline_source(experiment_config("ddpo_sd15_compressibility").model.pretrained)
     return torch.cuda.device_count()

@@ -22,16 +22,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from rlfuse.cli import UserError, run_hydra_app
+from rlfuse.cli import run_hydra_app
+from rlfuse.errors import UserError, check
 
 log = logging.getLogger("rlfuse")
 
 
 def preflight(cfg: DictConfig) -> list[str]:
     """Check values, the prompt list and the weights before anything is loaded or written."""
-    from rlfuse.model import check_pipeline_source
+    from rlfuse.config import check_complete, check_resolution, family_of
     from rlfuse.prompts import load_prompts
-    from rlfuse.train import check, check_complete
 
     check_complete(cfg)
     for key in ("num_prompts", "sample.num_steps", "hardware.sample_batch_size"):
@@ -43,13 +43,14 @@ def preflight(cfg: DictConfig) -> list[str]:
     out = Path(cfg.out).expanduser()
     check(not out.exists(), f"out={cfg.out}: already exists; a dataset is never overwritten: choose a new folder")
     load_prompts(cfg.prompts[cfg.split])
-    check_pipeline_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
+    family_of(cfg).check_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
+    check_resolution(cfg)
     return []
 
 
 def choose_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
     """count prompts in a seeded order, without repeats until the list is used up (then again)."""
-    from rlfuse.train import seed_for
+    from rlfuse.seeding import seed_for
 
     rng = np.random.default_rng(seed_for(seed, 0))
     order = np.concatenate([rng.permutation(len(prompts)) for _ in range(-(-count // len(prompts)))])
@@ -58,12 +59,13 @@ def choose_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
 
 def sample(cfg: DictConfig) -> None:
     """Roll out K chains per prompt (shared x_T per group), decode, and write the dataset folder."""
-    from rlfuse import model as models
+    from rlfuse.config import load_family
+    from rlfuse.families.sd import lora_folders
     from rlfuse.feedback import TRAJECTORIES, sampling_settings
     from rlfuse.prompts import load_prompts
     from rlfuse.rewards.jpeg import to_uint8
-    from rlfuse.sampling import encode_prompts, sample_trajectories
-    from rlfuse.train import decode, generators, seed_for
+    from rlfuse.rollout import rollout
+    from rlfuse.seeding import seed_for
 
     preflight(cfg)  # again: a sweep changes values per job
     start = time.perf_counter()
@@ -71,40 +73,34 @@ def sample(cfg: DictConfig) -> None:
     hw, sample_cfg, k_images = cfg.hardware, cfg.sample, cfg.sample.images_per_prompt
     device = torch.device("cuda" if not hw.cpu and torch.cuda.is_available() else "cpu")
     autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(hw.mixed_precision)
-    lora_weights = models.lora_folders(cfg.model.get("lora_weights"))
-    pipeline = models.load_pipeline(cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
-                                    lora_weights)
-    for part in (pipeline.vae, pipeline.text_encoder, pipeline.unet):
+    lora_weights = lora_folders(cfg.model.get("lora_weights"))
+    family = load_family(cfg)
+    for part in (*family.frozen, family.network):
         part.requires_grad_(False).to(device).eval()
+    sampler = family.sampler(sample_cfg.eta)
     prompts = choose_prompts(load_prompts(cfg.prompts[cfg.split]), cfg.num_prompts, cfg.seed)
     group_seeds = [seed_for(cfg.seed, 1, g) for g in range(len(prompts))]  # each group's initial noise
-    size = cfg.model.resolution // pipeline.vae_scale_factor
-    latent_shape = (pipeline.unet.config.in_channels, size, size)
-    negative_embed = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], device)  # (1, L, D)
+    latent_shape = family.latent_shape(cfg.model.resolution)
     groups_per_batch = max(1, hw.sample_batch_size // k_images)
     chains, log_probs, images = [], [], []
     for first in tqdm(range(0, len(prompts), groups_per_batch), desc="sample", disable=not cfg.progress):
         groups = range(first, min(first + groups_per_batch, len(prompts)))
-        batch_prompts = [prompts[g] for g in groups for _ in range(k_images)]
-        initial = torch.stack([torch.randn(latent_shape, generator=gen) for gen in generators(
-            [group_seeds[g] for g in groups for _ in range(k_images)])])     # (B, C, h, w), equal within a group
-        step_seeds = [seed_for(cfg.seed, 2, g, k) for g in groups for k in range(k_images)]
-        prompt_embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, batch_prompts, device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            latents, batch_log_probs, timesteps = sample_trajectories(
-                pipeline.unet, pipeline.scheduler, prompt_embeds, negative_embed.expand(len(batch_prompts), -1, -1),
-                initial.to(device), sample_cfg.num_steps, sample_cfg.guidance_scale, sample_cfg.eta,
-                generators(step_seeds))                                        # (B, T+1, C, h, w), (B, T), (T,)
-            with torch.inference_mode():
-                images.append(to_uint8(decode(pipeline.vae, latents[:, -1])))  # (B, H, W, 3)
-        chains.append(latents.float().cpu())
-        log_probs.append(batch_log_probs.float().cpu())
+        sampled = rollout(
+            family.network, family, sampler, [prompts[g] for g in groups for _ in range(k_images)],
+            [group_seeds[g] for g in groups for _ in range(k_images)],          # x_T equal within a group
+            [seed_for(cfg.seed, 2, g, k) for g in groups for k in range(k_images)], latent_shape,
+            sample_cfg.num_steps, sample_cfg.guidance_scale, device,
+            lambda: torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                   enabled=autocast_dtype is not None))
+        images.append(to_uint8(sampled.images))                                 # (B, H, W, 3)
+        chains.append(sampled.chains.float().cpu())                             # (B, T+1, C, h, w)
+        log_probs.append(sampled.log_probs.float().cpu())                       # (B, T)
     settings = sampling_settings(cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant,
                                  cfg.model.tiny_seed, lora_weights, cfg.model.resolution, sample_cfg.num_steps,
                                  sample_cfg.guidance_scale, sample_cfg.eta)
     extra = {**settings, "seed": cfg.seed, "prompts": {"source": cfg.prompts[cfg.split], "split": cfg.split}}
     write_dataset(out, extra, prompts, group_seeds, np.concatenate(images), torch.cat(chains), torch.cat(log_probs),
-                  timesteps.cpu())
+                  sampled.timesteps.cpu())
     megabytes = (out / TRAJECTORIES).stat().st_size / 1e6
     log.info("wrote %s: %d prompts x %d images, trajectories %.1f MB, in %.1f s; label it: python -m rlfuse.annotate %s",
              out, len(prompts), k_images, megabytes, time.perf_counter() - start, out)

@@ -14,6 +14,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_pipeline():
-    from rlfuse.model import build_tiny_pipeline
+    from rlfuse.families.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)

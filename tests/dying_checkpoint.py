@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-import rlfuse.checkpoint as checkpoint
+import rlfuse.engine.checkpoint as checkpoint
 from rlfuse import train
 
 die_at = int(sys.argv.pop(1))

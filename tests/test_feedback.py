@@ -91,29 +91,31 @@ def test_sample_writes_a_dataset_the_annotator_accepts_with_shared_noise_per_gro
 
 def test_stored_log_probs_rescore_with_the_same_model(tiny_dataset):
     """Recomputing log p(x_{t-1} | x_t) of every stored transition gives the stored value."""
+    from rlfuse.families.sd import StableDiffusion
+    from rlfuse.families.tiny import build_tiny_pipeline
     from rlfuse.feedback import TRAJECTORIES, load_trajectories
-    from rlfuse.model import build_tiny_pipeline
-    from rlfuse.sampling import Policy, encode_prompts
+    from rlfuse.policy import Policy
     from rlfuse.trajectories import Trajectories
 
-    pipeline = build_tiny_pipeline(seed=0)
+    family = StableDiffusion(build_tiny_pipeline(seed=0))
     chains = load_trajectories(tiny_dataset / TRAJECTORIES)
     prompts = [group.prompt for group in load_dataset(tiny_dataset).groups for _ in range(4)]
-    embeds = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts, torch.device("cpu"))
-    negative = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, [""], torch.device("cpu")).expand(12, -1, -1)
-    batch = Trajectories(prompt_embeds=embeds, negative_embeds=negative, latents=chains["latents"][:, :-1],
-                         next_latents=chains["latents"][:, 1:], timesteps=chains["timesteps"].expand(12, -1),
-                         log_probs=chains["log_probs"], rewards=torch.zeros(12), advantages=torch.zeros(12),
+    batch = Trajectories(conditioning=family.encode_prompts(prompts, torch.device("cpu")),
+                         latents=chains["latents"][:, :-1], next_latents=chains["latents"][:, 1:],
+                         timesteps=chains["timesteps"].expand(12, -1), log_probs=chains["log_probs"],
+                         rewards=torch.zeros(12), reward_terms=torch.zeros(12, 0), advantages=torch.zeros(12),
                          prompts=prompts, sample_ids=torch.arange(12))
-    pipeline.scheduler.set_timesteps(4)
-    policy = Policy(pipeline.unet, pipeline.scheduler, guidance_scale=5.0, eta=1.0)
+    sampler = family.sampler(1.0)
+    sampler.set_timesteps(4)
+    policy = Policy(family.network, family, sampler, guidance_scale=5.0)
     with torch.no_grad():
         rescored = torch.stack([policy.log_prob(batch, torch.full((12,), j)) for j in range(4)], dim=1)
     torch.testing.assert_close(rescored, chains["log_probs"], atol=1e-4, rtol=0)
 
 
 def test_sample_refuses_an_existing_folder_and_leaves_it_alone(tiny_dataset):
-    from rlfuse.cli import UserError, check_overrides
+    from rlfuse.cli import check_overrides
+    from rlfuse.errors import UserError
     from rlfuse.sample import preflight, write_dataset
 
     before = (tiny_dataset / "manifest.json").read_bytes()
@@ -129,14 +131,17 @@ def test_sample_refuses_an_existing_folder_and_leaves_it_alone(tiny_dataset):
 def test_sampling_from_a_saved_lora_folder_gives_other_images_from_the_same_noise(tiny_dataset, tmp_path):
     """A later round samples from the LoRA a run exported (model.lora_weights), fused into the UNet."""
     from rlfuse.feedback import TRAJECTORIES, load_trajectories
-    from rlfuse.model import add_lora, build_tiny_pipeline, export_lora, trainable_parameters
+    from rlfuse.families.sd import StableDiffusion
+    from rlfuse.families.tiny import build_tiny_pipeline
+    from rlfuse.lora import add_lora, trainable_parameters
 
-    unet = build_tiny_pipeline(seed=0).unet
+    family = StableDiffusion(build_tiny_pipeline(seed=0))
+    unet = family.network
     add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"])
     with torch.no_grad():
         for name, weight in trainable_parameters(unet).items():
             weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    export_lora(unet, tmp_path / "lora")
+    family.export_lora(unet, tmp_path / "lora")
     later = sample_in_process(tmp_path / "round2", *TINY, "num_prompts=3", f"model.lora_weights={tmp_path / 'lora'}")
     manifest = json.loads((later / "manifest.json").read_text())
     assert manifest["model"]["lora_weights"] == [str((tmp_path / "lora").resolve())]
@@ -152,21 +157,30 @@ def test_sampling_from_a_saved_lora_folder_gives_other_images_from_the_same_nois
 def test_replay_rows_are_winner_then_loser_of_each_labelled_pair_split_evenly_over_processes(labelled_copy):
     from rlfuse.algorithms.d3po import D3PO
     from rlfuse.annotate.store import preference_pairs
-    from rlfuse.feedback import load_replay
+    from rlfuse.families.sd import StableDiffusion
+    from rlfuse.families.tiny import build_tiny_pipeline
+    from rlfuse.sources.replay import load_replay
 
     pairs = preference_pairs(labelled_copy)
     assert len(pairs) == 3
-    encode = lambda texts: torch.zeros(len(texts), 16, 32)  # noqa: E731 (embeddings do not matter here)
-    replay = load_replay(str(labelled_copy), encode, torch.zeros(1, 16, 32), torch.device("cpu"))
-    batch, images = replay.epoch(seed=0, epoch=1, rank=0, world=1, num_images=4)
-    assert len(batch) == 6 and images.shape == (4, 3, 32, 32)
-    preferences, stats = D3PO().advantages(batch.prompts, batch.rewards)
+    family = StableDiffusion(build_tiny_pipeline(seed=0))
+    replay = load_replay(str(labelled_copy), family, torch.device("cpu"), seed=0, grid_images=4)
+    batch, images, details = replay.epoch(1)
+    assert len(batch) == 6 and images.shape == (4, 3, 32, 32) and details == {}
+    assert replay.pairs
+    preferences, stats = D3PO().advantages(batch.prompts, batch.rewards, batch.reward_terms)
     assert preferences.tolist() == [1.0, -1.0] * 3 and stats["pairs_decided"] == 1.0
     for i in range(3):  # both rows of a pair come from their group's shared noise, the winner first
         group = next(g for g, w, l in pairs if torch.equal(batch.next_latents[2 * i, -1], replay.latents[4 * g + w, -1]))
         assert torch.equal(batch.latents[2 * i, 0], batch.latents[2 * i + 1, 0])
         assert batch.prompts[2 * i] == batch.prompts[2 * i + 1] == replay.prompts[group]
-    shares = [replay.epoch(0, 1, rank, 2, 0)[0] for rank in range(2)]  # 3 pairs over 2 processes: 1 each
+        # each row is conditioned on its own group's prompt
+        torch.testing.assert_close(batch.conditioning["prompt_embeds"][2 * i],
+                                   family.encode_prompts([replay.prompts[group]], torch.device("cpu"))["prompt_embeds"][0])
+    shares = []
+    for rank in range(2):  # 3 pairs over 2 processes: 1 each
+        replay.rank, replay.world = rank, 2
+        shares.append(replay.epoch(1).samples)
     assert [len(s) for s in shares] == [2, 2] and set(shares[0].sample_ids.tolist()).isdisjoint(shares[1].sample_ids.tolist())
 
 
@@ -248,6 +262,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_round_through_the_clis_makes_images_brighter_when_people_prefer_brighter_ones(tmp_path):
     """sample -> label (the brightest image of each prompt beats the darkest) -> D3PO on the labels
     -> sample again from the new LoRA: at fresh seeds, images are brighter than the base model's at

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from rlfuse.hardware import check_hardware, configure_unet
+from rlfuse.engine.hardware import check_hardware, configure_unet
 
 OK = dict(strategy="ddp", mixed_precision="no", attention="sdpa", compile_unet=False, use_cpu=True, finetune="lora",
           zero_stage=2, fsdp_version=2)
@@ -43,7 +43,7 @@ def test_engine_settings_rlfuse_cannot_sample_with_are_refused_where_a_gpu_exist
 def test_accelerate_plugins_follow_the_strategy():
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
-    from rlfuse.hardware import accelerator_plugins
+    from rlfuse.engine.hardware import accelerator_plugins
 
     assert accelerator_plugins("ddp", 2, False, 1.0, 2, True, False) == {}
     fsdp = accelerator_plugins("fsdp", 2, False, 1.0, 2, True, False)["fsdp_plugin"]
@@ -77,7 +77,7 @@ def test_an_accelerate_launch_flag_against_the_strategy_is_refused(monkeypatch):
     from omegaconf import OmegaConf
 
     from rlfuse.cli import UserError, check_overrides
-    from rlfuse.train import check_hardware_config
+    from rlfuse.config import check_hardware_config
 
     hardware = check_overrides("train", ["hardware=cpu"]).hardware
     check_hardware_config(hardware, "lora")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 from rlfuse.prompts import HPDV2_STYLES, load_prompts, shipped_lists
 
 

@@ -42,6 +42,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
     """The demo preset (model=tiny reward=jpeg, fixed seed) for 12 of its epochs."""
     run_dir = train(tmp_path, "experiment=demo_tiny_jpeg", "epochs=12", "seed=0", "eval.every=0",
@@ -53,23 +54,6 @@ def test_short_run_raises_the_jpeg_compressibility_reward(tmp_path):
     # error. (Seen: -1.572 -> -1.537. The preset's large steps are noisy: these draws peak at -1.471
     # in epoch 6, so the first three epochs already include much of the rise.)
     assert last - untrained > 0.02, rewards
-
-
-def test_trained_steps_are_distinct_drawn_from_the_trainable_ones_and_follow_the_seed():
-    from rlfuse.train import draw_train_steps
-
-    trainable = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])      # the steps with std >= min_step_std of 10
-    steps = draw_train_steps(trainable, [11, 12, 13, 11], count=4)
-    assert steps.shape == (4, 4)
-    assert all(len(set(row.tolist())) == 4 and set(row.tolist()) <= set(trainable.tolist()) for row in steps)
-    assert torch.equal(steps[0], steps[3]) and not torch.equal(steps[0], steps[1])   # the seed decides
-    # Over many trajectories every trainable step is drawn, and never steps 8 and 9.
-    drawn = draw_train_steps(trainable, list(range(200)), count=4).unique()
-    assert drawn.tolist() == trainable.tolist()
-    # With every step trainable (min_step_std=0) the draw is a plain permutation's head, as before the option.
-    everything = torch.arange(10)
-    assert torch.equal(draw_train_steps(everything, [5], count=3)[0],
-                       torch.randperm(10, generator=torch.Generator().manual_seed(5))[:3])
 
 
 def test_policy_unchanged_under_bf16_still_gives_ratio_one(tmp_path):
@@ -120,6 +104,7 @@ def assert_same_final_run(full: Path, resumed: Path) -> None:
     assert rows_a[2]["loss"] == rows_b[2]["loss"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_path):
     """SIGKILL during epoch 3 (after the epoch-2 checkpoint), then resume=auto: bitwise the same."""
     full = train(tmp_path / "a", *RESUMABLE)
@@ -146,6 +131,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_path):
     assert {int(s["step"]) for s in optimizer_state["state"].values()} == {4 * 2 * 2}
 
 
+@pytest.mark.slow
 def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path):
     full = train(tmp_path / "a", *RESUMABLE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -160,25 +146,6 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_
     assert all(torch.equal(previous[k], expected[k]) for k in expected)
     resumed = train(tmp_path / "b", *RESUMABLE, "resume=auto")
     assert_same_final_run(full, resumed)
-
-
-def test_a_failed_checkpoint_write_names_the_problem_and_keeps_the_previous_one(tmp_path):
-    import errno
-
-    from rlfuse import checkpoint
-    from rlfuse.cli import UserError
-
-    weights = {"w": torch.ones(3)}
-    checkpoint.save_checkpoint(tmp_path, 1, weights, {}, {}, export=lambda folder: None, keep=0)
-
-    def disk_full(folder: Path) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    with pytest.raises(UserError, match="cannot write checkpoint .*epoch_000002: No space left on device; free disk"):
-        checkpoint.save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {}, {}, export=disk_full, keep=1)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_000001"], "no torn folder left"
-    assert torch.equal(load_file(tmp_path / "checkpoints" / "epoch_000001" / "trainable.safetensors")["w"],
-                       torch.ones(3))
 
 
 def test_resume_of_a_folder_with_another_config_is_refused(tmp_path):
@@ -212,12 +179,19 @@ def test_a_pipeline_folder_trains_through_model_pretrained(tmp_path, tiny_pipeli
     assert (run_dir / "checkpoints" / "epoch_000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_path):
     """2 processes x 4 samples against 1 process x 8, the same seed: the same samples by
     construction (seeds follow a sample's place in the global batch) and, with one optimizer step
-    per round (the score-function estimator), the same gradient but for the order of float sums."""
+    per round (the score-function estimator), the same gradient but for the order of float sums.
+
+    The reward is the images' mean pixel, a smooth function of them: batch size and CPU change the
+    convolutions' rounding, which moves it by about 1e-7, while samples drawn from other seeds (seeds
+    that followed the rank) move the epoch's mean by about 1e-2. (A JPEG size is not smooth: one
+    rounding difference made one image a byte larger on an Intel CPU.)"""
     args = [*FAST, "epochs=3", "checkpoint.every=1", "checkpoint.keep=0", "model.finetune=full",
-            "algorithm.objective.estimator=score_function", "algorithm.learning_rate=1e-2"]
+            "algorithm.objective.estimator=score_function", "algorithm.learning_rate=1e-2",
+            "reward.fn._target_=tests.brightness_reward.BrightnessReward"]
     accelerate = str(Path(sys.executable).parent / "accelerate")
     result = run_train(tmp_path / "two", *args, "hardware.train_batch_size=2", env={"ACCELERATE_USE_CPU": "true"},
                        launcher=(accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -233,21 +207,22 @@ def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_p
 
     one = train(tmp_path / "one", *args, "hardware.sample_batch_size=8")
     rows_one = metrics(one)
-    # Epoch 1 samples the same images before any update: equal rewards.
-    assert rows_one[0]["reward_mean"] == pytest.approx(rows_two[0]["reward_mean"], abs=1e-6)
-    assert rows_one[0]["loss"] == pytest.approx(rows_two[0]["loss"], rel=1e-5)
+    # Epoch 1 samples the same images before any update: equal rewards up to float rounding.
+    assert rows_one[0]["reward_mean"] == pytest.approx(rows_two[0]["reward_mean"], abs=1e-5)
+    assert rows_one[0]["reward_std"] == pytest.approx(rows_two[0]["reward_std"], abs=1e-5)
+    assert rows_one[0]["loss"] == pytest.approx(rows_two[0]["loss"], rel=1e-3, abs=1e-6)
     # After the first update the weights differ by far less than the update itself: only the order
     # of float sums differs, which Adam's first step amplifies where gradients cancel to ~0 (seen:
     # 4e-4 of the update's norm).
-    from rlfuse.model import build_tiny_pipeline
+    from rlfuse.families.tiny import build_tiny_pipeline
 
     base = dict(build_tiny_pipeline(seed=0).unet.named_parameters())
     w_one, w_two = (load_file(run / "checkpoints" / "epoch_000001" / "trainable.safetensors") for run in (one, two))
     gap = sum(((w_one[k] - w_two[k]) ** 2).sum() for k in w_one) ** 0.5
     update = sum(((w_one[k] - base[k].detach()) ** 2).sum() for k in w_one) ** 0.5
     assert gap < 0.01 * update, (gap, update)
-    # The reward curves agree within the standard error of one epoch's mean reward (sigma / sqrt(16),
-    # about 0.002 here): a gap below what one epoch's noise could show (seen: at most 0.0008).
+    # The reward curves agree within the standard error of one epoch's mean reward (sigma / sqrt(16)):
+    # a gap below what one epoch's noise could show.
     for row_one, row_two in zip(rows_one, rows_two, strict=True):
         tolerance = row_one["reward_std"] / math.sqrt(row_one["samples"])
         assert abs(row_one["reward_mean"] - row_two["reward_mean"]) < tolerance, (rows_one, rows_two)
@@ -260,6 +235,7 @@ def test_the_shipped_toy_model_trains_through_the_loop(tmp_path):
     assert "reward_position" in metrics(run_dir)[0]  # the shapes criteria are logged
 
 
+@pytest.mark.slow
 def test_a_short_run_on_the_toy_model_raises_the_shapes_score_of_a_count_caption(tmp_path):
     """The default run's settings (DDPO, model=toy, reward=shapes, full fine-tuning, lr 1e-5) on one
     caption the shipped model gets wrong often: it draws the wrong number of triangles or extra shapes.
@@ -281,6 +257,7 @@ def test_a_short_run_on_the_toy_model_raises_the_shapes_score_of_a_count_caption
     assert after["eval_reward_objects"] > before["eval_reward_objects"], evals
 
 
+@pytest.mark.slow
 def test_a_sweep_over_the_four_algorithms_gives_each_its_own_folder(tmp_path):
     result = run_train(tmp_path, "-m", "algorithm=ddpo,d3po,dpok,rwr", *FAST, "epochs=1", "log.images_every=0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -324,6 +301,7 @@ LEARNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(LEARNS))
 def test_each_algorithm_raises_the_jpeg_reward_on_the_tiny_model(tmp_path, algorithm):
     overrides, epochs, margin = LEARNS[algorithm]

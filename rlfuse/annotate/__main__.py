@@ -21,7 +21,8 @@ from pathlib import Path
 from rlfuse.annotate import exchange
 from rlfuse.annotate.dataset import load_dataset
 from rlfuse.annotate.store import SERVED_TASKS, open_store
-from rlfuse.cli import UserError, fail
+from rlfuse.cli import fail
+from rlfuse.errors import UserError
 
 PROG = "python -m rlfuse.annotate"
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 FORMAT = "rlfuse-feedback"
 VERSION = 1

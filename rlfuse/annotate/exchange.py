@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from rlfuse.annotate.dataset import Dataset
 from rlfuse.annotate.store import Conflict, Label, LabelStore, check_annotator, label_pairs, label_scores
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 PAIRS_FORMAT = "rlfuse-pairs"
 

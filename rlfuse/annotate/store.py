@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from itertools import combinations
 from pathlib import Path
 
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 SERVED_TASKS = ("best", "pair", "goodbad")  # what the web page asks; "score" only comes from import
 TASKS = SERVED_TASKS + ("score",)

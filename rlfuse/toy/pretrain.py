@@ -96,10 +96,10 @@ def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_c
 
 
 def build_tokenizer(folder: Path, num_merges: int, max_length: int):
-    """A CLIPTokenizer with the first `num_merges` merges of the CLIP BPE (see rlfuse.model)."""
+    """A CLIPTokenizer with the first `num_merges` merges of the CLIP BPE (see rlfuse.families.tiny)."""
     from transformers import CLIPTokenizer
 
-    from rlfuse.model import write_clip_tokenizer_files
+    from rlfuse.families.tiny import write_clip_tokenizer_files
 
     write_clip_tokenizer_files(folder, num_merges, max_length)
     return CLIPTokenizer.from_pretrained(folder)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfuse.algorithms.dpok import DPOK, dpok_loss, gaussian_kl
-from rlfuse.sampling import Transition
+from rlfuse.dynamics.ddim import Transition
 
 
 def test_gaussian_kl_by_hand():

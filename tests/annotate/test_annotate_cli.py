@@ -13,7 +13,7 @@ import pytest
 from rlfuse.annotate.__main__ import main
 from rlfuse.annotate.dataset import load_dataset
 from rlfuse.annotate.store import Label, open_store, preference_pairs
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 from annotate_helpers import write_dataset
 

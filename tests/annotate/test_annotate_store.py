@@ -11,7 +11,7 @@ import pytest
 
 from rlfuse.annotate.dataset import load_dataset
 from rlfuse.annotate.store import Conflict, Label, label_pairs, label_scores, open_store, preference_pairs, task_items
-from rlfuse.cli import UserError
+from rlfuse.errors import UserError
 
 
 @pytest.fixture

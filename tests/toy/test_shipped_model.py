@@ -3,7 +3,7 @@
 import json
 
 from rlfuse.cli import CONF_DIR
-from rlfuse.model import check_pipeline_source, load_pipeline
+from rlfuse.families.sd import StableDiffusion, check_source
 from rlfuse.toy.pretrain import evaluate_pipeline
 from rlfuse.toy.world import split_prompts
 
@@ -23,8 +23,8 @@ def test_shipped_model_is_small_and_carries_its_training_record():
 
 
 def test_shipped_model_loads_offline_and_scores_within_its_band():
-    check_pipeline_source(str(SHIPPED))
-    pipeline = load_pipeline(str(SHIPPED))
+    check_source(str(SHIPPED))
+    pipeline = StableDiffusion.load(str(SHIPPED)).pipeline
     _, heldout = split_prompts(seed=0)
     result = evaluate_pipeline(pipeline, heldout[:30], num_steps=20, guidance_scale=5.0, seed=0, batch_size=30)
     assert abs(result["reward"] - BAND_CENTER) <= BAND_HALF_WIDTH, result
