@@ -121,7 +121,7 @@ def run_trl(folder: str, epochs: int, seed: int, run_root: str, clock) -> dict:
         return prompts[int(prompt_rng.integers(len(prompts)))], {}
 
     def reward_fn(images, batch_prompts, metadata):
-        return reward(images.float(), list(batch_prompts)), {}
+        return reward(images.float(), list(batch_prompts)).scores, {}
 
     config = DDPOConfig(
         num_epochs=epochs, seed=seed, mixed_precision="no", accelerator_kwargs={"cpu": True},

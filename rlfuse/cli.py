@@ -9,10 +9,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from rlfuse.errors import UserError
+from rlfuse.errors import EXIT_USAGE, UserError, fail  # noqa: F401 (fail and EXIT_USAGE: part of the edge)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-EXIT_USAGE = 2
 # Options of Hydra's own command line that print something and exit, or change no config value.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
                "--shell-completion", "-sc", "--version"}
@@ -29,11 +28,6 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
-
-
-def fail(message: str) -> None:
-    print(f"rlfuse: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
 
 
 def group_choices(group: str) -> list[str]:

@@ -56,10 +56,28 @@ def build(node: DictConfig, key: str):
         raise UserError(f"{key}: {str(cause).strip().splitlines()[-1]}") from None
 
 
+def build_reward(node: DictConfig, key: str, label: str, prompts: list[str] | None = None,
+                 prompts_name: str = ""):
+    """The reward of `node`, checked ready (weights present, server answering) and, when prompts are
+    given, able to score them: fail at start-up, never mid-run. label names the reward in errors."""
+    reward = build(node, key)
+    if hasattr(reward, "check_ready"):
+        try:
+            reward.check_ready()
+        except ValueError as error:
+            raise UserError(f"{label}: {str(error).strip().splitlines()[0]}") from None
+    if prompts is not None and hasattr(reward, "check_prompts"):  # rewards that only understand some prompts
+        try:
+            reward.check_prompts(prompts)
+        except ValueError as error:
+            raise UserError(f"{label} with prompts={prompts_name}: {error}") from None
+    return reward
+
+
 def family_of(cfg: DictConfig) -> type:
     from rlfuse.families import family_class
 
-    return family_class(cfg.model.get("family", "sd"))
+    return family_class(cfg.model.family)
 
 
 def check_resolution(cfg: DictConfig) -> None:
@@ -183,17 +201,8 @@ def preflight(cfg: DictConfig) -> Checked:
             cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
             cfg.model.get("lora_weights"), cfg.model.resolution, cfg.sample.num_steps, cfg.sample.guidance_scale,
             cfg.sample.eta))
-    reward = build(cfg.reward.fn, "reward.fn")
-    if hasattr(reward, "check_ready"):  # weights present, server answering: fail now, never mid-run
-        try:
-            reward.check_ready()
-        except ValueError as error:
-            raise UserError(str(error).strip().splitlines()[0]) from None
-    if hasattr(reward, "check_prompts"):  # rewards that only understand some prompts (reward=shapes)
-        try:
-            reward.check_prompts(train_prompts + eval_prompts)
-        except ValueError as error:
-            raise UserError(f"reward={cfg.reward.name} with prompts={cfg.prompts.name}: {error}") from None
+    reward = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}", train_prompts + eval_prompts,
+                          cfg.prompts.name)
     return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
 
 

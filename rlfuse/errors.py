@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+EXIT_USAGE = 2
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing weights, malformed file): one line, exit 2."""
@@ -11,3 +15,9 @@ def check(condition: bool, message: str) -> None:
     """Raise UserError(message) unless condition holds."""
     if not condition:
         raise UserError(message)
+
+
+def fail(message: str) -> None:
+    """Print `rlfuse: error: <message>` on stderr and exit with code 2: the edge of every command."""
+    print(f"rlfuse: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

@@ -75,10 +75,10 @@ def load_models(run_cfg, checkpoint: Path):
 
 def build_reward(name: str, settings: list[str]):
     """A reward from conf/reward/<name>.yaml with `reward.fn.key=value` settings applied."""
-    import hydra.utils
     from omegaconf import OmegaConf
 
     from rlfuse.cli import group_choices
+    from rlfuse.config import build_reward as config_build_reward
 
     if name not in group_choices("reward"):
         raise UserError(f"--rewards {name}: no such reward; valid: {', '.join(group_choices('reward'))}")
@@ -86,15 +86,9 @@ def build_reward(name: str, settings: list[str]):
     mine = [s for s in settings if s.startswith(f"{name}.")]
     try:
         node.merge_with(OmegaConf.from_dotlist([f"reward.{s[len(name) + 1:]}" for s in mine]))
-        reward = hydra.utils.instantiate(node.reward.fn)
     except Exception as error:  # a bad setting: one line naming it
         raise UserError(f"--set for reward {name}: {str(error).strip().splitlines()[0]}") from None
-    if hasattr(reward, "check_ready"):
-        try:
-            reward.check_ready()
-        except ValueError as error:
-            raise UserError(f"reward {name}: {str(error).strip().splitlines()[0]}") from None
-    return reward
+    return config_build_reward(node.reward.fn, f"--set for reward {name}", f"reward {name}")
 
 
 def sample_images(family, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, eta: float,

@@ -62,7 +62,7 @@ TOY_MODEL = {
               "+reward.fn.terms.shapes.fn._target_=rlfuse.rewards.shapes.ShapesReward",
               "reward.fn.terms.diversity.weight=0.5", *(f"reward.fn.terms.diversity.{o}" for o in TINY_CLIP)],
 }
-# Learning settings measured to move these small models (README, "Results"); the papers' (LoRA,
+# Learning settings measured to move these small models (docs/results.md); the papers' (LoRA,
 # clip 1e-4, lr 3e-4) barely move them in a few epochs.
 TOY_ALGORITHM = {
     ("ddpo", "tiny"): ["algorithm.learning_rate=1e-2", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],

@@ -150,13 +150,11 @@ def main() -> None:
     if bad:
         fail(f"{bad[0]}: only reward=<name> and reward.* overrides apply to the reward server")
     try:
-        from rlfuse.config import build
+        from rlfuse.config import build_reward
 
         cfg = check_overrides("train", list(args.overrides))
-        reward_fn = build(cfg.reward.fn, "reward.fn")  # a constructor's complaint as one line
-        if hasattr(reward_fn, "check_ready"):
-            reward_fn.check_ready()
-    except (UserError, ValueError) as error:
+        reward_fn = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}")
+    except UserError as error:
         fail(str(error).strip().splitlines()[0])
     try:
         server = serve(reward_fn, cfg.reward.name, args.host, args.port, int(args.max_body_mb * 2**20))

@@ -82,6 +82,12 @@ def run_cli(*args):
     (["hardware=deepspeed_zero2"], "hardware.strategy=deepspeed needs CUDA GPUs"),
     (["algorithm.min_step_std=-0.1"], "algorithm.min_step_std=-0.1: must be in [0, sample.eta=1.0)"),
     (["algorithm.min_step_std=0.9"], "algorithm.min_step_std=0.9: no sampler step has that much noise"),
+    (["model.resolution=33"], "model.resolution=33: must be a positive multiple of 2 for model=toy"),
+    (["model=tiny", "reward=jpeg", "prompts=simple_animals", "model.resolution=31"],
+     "model.resolution=31: must be a positive multiple of 2 for model=tiny"),
+    (["model.family=sd4"], "model.family='sd4': no such model family; valid: sd"),
+    (["algorithm=d3po", "sample.same_noise_per_prompt=false"], "trains on pairs of images of one prompt"),
+    (["algorithm.objective.estimator=score_function", "algorithm.inner_epochs=2"], "takes one step per sampling round"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")

@@ -285,7 +285,7 @@ def test_a_round_through_the_clis_makes_images_brighter_when_people_prefer_brigh
     finish(cli("rlfuse.sample", f"out={tmp_path / 'round2'}", *toy, *fresh, f"model.lora_weights={lora}"))
     rise = brightness(tmp_path / "round2") - base   # (16, 4): same prompts, same noise
     standard_error = rise.mean(1).std(ddof=1) / len(rise) ** 0.5
-    # Measured by hand at these settings (README, "Human feedback"): +0.0152 (this dataset, seed 0) and
+    # Measured by hand at these settings (docs/human-feedback.md): +0.0152 (this dataset, seed 0) and
     # +0.0166 (seed 1), standard error 0.0035-0.0037 over the 16 prompts; the per-image spread of
     # brightness is 0.023. 0.007 is two standard errors above no change and over two below the rises seen.
     assert rise.mean() > 0.007 and rise.mean() > 2 * standard_error, (rise.mean(), standard_error)

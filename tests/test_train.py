@@ -288,7 +288,7 @@ def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tm
 
 
 # Settings under which each algorithm measurably learns the jpeg reward on the random tiny model
-# (full fine-tuning; measured with seed 0, README "Results"). Rises seen there, first 3 epochs against
+# (full fine-tuning; measured with seed 0, docs/results.md). Rises seen there, first 3 epochs against
 # the last 3 (1 thread): d3po 0.055 (it then plateaus: the clamp holds the policy within 10% of the
 # reference per step), rwr 0.010 (with uniform weights instead: RWR_CONTROL_RISE).
 LEARNS = {

@@ -21,8 +21,7 @@ from pathlib import Path
 from rlfuse.annotate import exchange
 from rlfuse.annotate.dataset import load_dataset
 from rlfuse.annotate.store import SERVED_TASKS, open_store
-from rlfuse.cli import fail
-from rlfuse.errors import UserError
+from rlfuse.errors import UserError, fail
 
 PROG = "python -m rlfuse.annotate"
 

@@ -26,14 +26,14 @@ from rlfuse.trajectories import Conditioning, Trajectories
 class ReplaySource:
     """The labelled pairs of a feedback dataset, as D3PO training batches (see the module docstring).
 
-    pairs: (group, winner k, loser k), repeated by their net votes; latents (N, T+1, C, h, w),
+    labelled_pairs: (group, winner k, loser k), repeated by their net votes; latents (N, T+1, C, h, w),
     log_probs (N, T), timesteps (T,): the stored chains, row g * K + k, on the training device;
     conditioning: one row per group. seed, rank, world: the run's; grid_images: images kept for the log.
     """
 
-    pairs = True  # winner and loser chains of one prompt from one initial noise
+    pairs = True  # the source's capability: winner and loser chains of one prompt from one initial noise
 
-    pairs: list[tuple[int, int, int]]
+    labelled_pairs: list[tuple[int, int, int]]
     images_per_prompt: int
     prompts: list[str]
     image_files: list[list[Path]]
@@ -55,9 +55,9 @@ class ReplaySource:
         another epoch); sample ids are places in the shuffled list, so runs repeat exactly.
         """
         rank = self.rank
-        order = torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 5)))
+        order = torch.randperm(len(self.labelled_pairs), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 5)))
         share = len(order) // self.world
-        chosen = [self.pairs[p] for p in order[rank * share:(rank + 1) * share].tolist()]
+        chosen = [self.labelled_pairs[p] for p in order[rank * share:(rank + 1) * share].tolist()]
         device, k_images = self.latents.device, self.images_per_prompt
         rows = torch.tensor([[g * k_images + w, g * k_images + l] for g, w, l in chosen], device=device).reshape(-1)
         groups = torch.tensor([g for g, _, _ in chosen], device=device).repeat_interleave(2)   # (2P,)
@@ -104,7 +104,7 @@ def load_replay(path: str, family: ModelFamily, device: torch.device, seed: int,
     conditioning = Conditioning.cat([family.encode_prompts(prompts[i:i + chunk], device)
                                      for i in range(0, len(prompts), chunk)])
     return ReplaySource(
-        pairs=pairs, images_per_prompt=dataset.images_per_prompt, prompts=prompts,
+        labelled_pairs=pairs, images_per_prompt=dataset.images_per_prompt, prompts=prompts,
         image_files=[list(group.files) for group in dataset.groups],
         latents=chains["latents"].to(device), log_probs=chains["log_probs"].to(device),
         timesteps=chains["timesteps"].to(device), conditioning=conditioning.select(slice(None)),

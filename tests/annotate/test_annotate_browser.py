@@ -3,7 +3,7 @@ and the labels land in labels.sqlite. Each test fails (never skips) with one lin
 when Chromium is missing: `make test` installs it with apt-get where it can (`make browser`); otherwise
 `sudo apt-get install chromium` (Debian/Ubuntu), or set RLFUSE_CHROMIUM to a Chromium binary.
 
-RLFUSE_UPDATE_SCREENSHOT=1 also writes the README's docs/annotate.png.
+RLFUSE_UPDATE_SCREENSHOT=1 also writes docs/annotate.png.
 """
 
 from __future__ import annotations
