@@ -21,7 +21,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rlfuse.cli import CONF_DIR, fail

@@ -171,7 +171,7 @@ def test_replay_rows_are_winner_then_loser_of_each_labelled_pair_split_evenly_ov
     preferences, stats = D3PO().advantages(batch.prompts, batch.rewards, batch.reward_terms)
     assert preferences.tolist() == [1.0, -1.0] * 3 and stats["pairs_decided"] == 1.0
     for i in range(3):  # both rows of a pair come from their group's shared noise, the winner first
-        group = next(g for g, w, l in pairs if torch.equal(batch.next_latents[2 * i, -1], replay.latents[4 * g + w, -1]))
+        group = next(g for g, w, _ in pairs if torch.equal(batch.next_latents[2 * i, -1], replay.latents[4 * g + w, -1]))
         assert torch.equal(batch.latents[2 * i, 0], batch.latents[2 * i + 1, 0])
         assert batch.prompts[2 * i] == batch.prompts[2 * i + 1] == replay.prompts[group]
         # each row is conditioned on its own group's prompt

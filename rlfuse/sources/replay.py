@@ -55,11 +55,12 @@ class ReplaySource:
         another epoch); sample ids are places in the shuffled list, so runs repeat exactly.
         """
         rank = self.rank
-        order = torch.randperm(len(self.labelled_pairs), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 5)))
+        shuffle = torch.Generator().manual_seed(seed_for(self.seed, epoch, 5))
+        order = torch.randperm(len(self.labelled_pairs), generator=shuffle)
         share = len(order) // self.world
         chosen = [self.labelled_pairs[p] for p in order[rank * share:(rank + 1) * share].tolist()]
         device, k_images = self.latents.device, self.images_per_prompt
-        rows = torch.tensor([[g * k_images + w, g * k_images + l] for g, w, l in chosen], device=device).reshape(-1)
+        rows = torch.tensor([[g * k_images + w, g * k_images + loser] for g, w, loser in chosen], device=device).reshape(-1)
         groups = torch.tensor([g for g, _, _ in chosen], device=device).repeat_interleave(2)   # (2P,)
         chains = self.latents[rows]                                                          # (2P, T+1, C, h, w)
         count = len(rows)

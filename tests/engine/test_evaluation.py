@@ -34,10 +34,11 @@ def test_before_after_sheet_has_a_row_per_caption_and_the_first_images_on_the_le
     after = Evaluation({}, torch.zeros(5, 3, 32, 32), before.prompts)
     save_eval_images(tmp_path, after, 3, final=True)
     sheet = Image.open(tmp_path / "eval" / "before_after.png").convert("RGB")
-    scale = 3
+    scale, columns = 3, 1  # 5 captions: one column (about a square sheet)
     assert sheet.height >= 5 * 32 * scale
     # Row 2's left image is the first evaluation's third image (scaled 3x), read back from its grid.
     row_top, left = 18 + 2 * (32 * scale + 4), 4
+    assert columns == max(1, round((5 / 4) ** 0.5))
     pixel = sheet.getpixel((left + 1, row_top + 1))
     expected = tuple(round(v * 255) for v in images[2, :, 0, 0].tolist())
     assert all(abs(a - b) <= 1 for a, b in zip(pixel, expected)), (pixel, expected)

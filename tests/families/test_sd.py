@@ -1,10 +1,8 @@
 """The Stable Diffusion family: the tiny pipeline goes through the same loading and export code as real models."""
 
-import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from rlfuse.errors import UserError
 from rlfuse.families.sd import StableDiffusion
 from rlfuse.families.tiny import build_tiny_pipeline, write_clip_tokenizer_files
 from rlfuse.lora import add_lora
