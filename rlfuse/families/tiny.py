@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,33 +65,71 @@ def tiny_scheduler() -> DDIMScheduler:
                          set_alpha_to_one=False, steps_offset=1)
 
 
+def build_tokenizer(folder: Path, num_merges: int, max_length: int):
+    """A CLIPTokenizer with the first `num_merges` merges of the CLIP BPE, its files written to folder."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder, num_merges, max_length)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_channels: int, image_size: int,
+              norm_num_groups: int | None = None) -> AutoencoderKL:
+    """A small AutoencoderKL; each level after the first halves the side (32 px, two levels -> 16x16)."""
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=norm_num_groups or min(block_out_channels),
+        sample_size=image_size,
+    )
+
+
+def build_text_encoder(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
+    """A small CLIPTextModel whose vocabulary and positions match the tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def build_unet(latent_size: int, latent_channels: int, block_out_channels: Sequence[int],
+               down_block_types: Sequence[str], up_block_types: Sequence[str], layers_per_block: int,
+               attention_head_dim: int, cross_attention_dim: int, norm_num_groups: int | None = None
+               ) -> UNet2DConditionModel:
+    """A small UNet2DConditionModel (the class of Stable Diffusion 1.x and 2.x)."""
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(block_out_channels), down_block_types=tuple(down_block_types),
+        up_block_types=tuple(up_block_types), layers_per_block=layers_per_block,
+        attention_head_dim=attention_head_dim, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=norm_num_groups or min(32, min(block_out_channels)),
+    )
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of these parts, without a safety checker, progress bars off."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def build_tiny_pipeline(seed: int = 0, num_merges: int = 2000, max_length: int = 16) -> StableDiffusionPipeline:
     """A tiny randomly initialised Stable Diffusion pipeline (same classes as SD 1.5), from a seed.
 
     32 px images, 16x16x4 latents, 1.7 M parameters in all (UNet 0.99 M); builds in well under a second.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     with tempfile.TemporaryDirectory() as folder:
-        write_clip_tokenizer_files(Path(folder), num_merges, max_length)
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        tokenizer = build_tokenizer(Path(folder), num_merges, max_length)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=TINY_VAE_BLOCKS, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=16, sample_size=32,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    unet = build_unet(16, 4, (32, 64), ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"),
+                      layers_per_block=1, attention_head_dim=8, cross_attention_dim=32, norm_num_groups=16)
+    vae = build_vae(TINY_VAE_BLOCKS, layers_per_block=1, latent_channels=4, image_size=32, norm_num_groups=16)
+    text_encoder = build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, tiny_scheduler())

@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from rlfuse.cli import run_hydra_app
 from rlfuse.errors import UserError
+from rlfuse.families.tiny import (assemble_pipeline, build_text_encoder, build_tokenizer, build_unet, build_vae,
+                                 tiny_scheduler)
 from rlfuse.toy.world import CAPTION_KINDS, parse_prompt, render, sample_scene, split_prompts
 
 log = logging.getLogger("rlfuse")
@@ -83,28 +85,6 @@ def torch_generator(seed: int, stream: int) -> torch.Generator:
 # ----------------------------------------------------------------------------- models
 
 
-def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_channels: int, image_size: int):
-    """A small AutoencoderKL; each level after the first halves the side (32 px, two levels -> 16x16)."""
-    from diffusers import AutoencoderKL
-
-    levels = len(block_out_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=min(block_out_channels), sample_size=image_size,
-    )
-
-
-def build_tokenizer(folder: Path, num_merges: int, max_length: int):
-    """A CLIPTokenizer with the first `num_merges` merges of the CLIP BPE (see rlfuse.families.tiny)."""
-    from transformers import CLIPTokenizer
-
-    from rlfuse.families.tiny import write_clip_tokenizer_files
-
-    write_clip_tokenizer_files(folder, num_merges, max_length)
-    return CLIPTokenizer.from_pretrained(folder)
-
-
 def check_vocabulary(tokenizer, prompts: Sequence[str]) -> dict[str, int]:
     """Every word of `prompts` tokenises without the unknown token, and every prompt fits unclipped.
 
@@ -123,50 +103,6 @@ def check_vocabulary(tokenizer, prompts: Sequence[str]) -> dict[str, int]:
                         f"raise text_encoder.max_length or text_encoder.num_merges")
     return {"vocab_size": len(tokenizer), "max_caption_tokens": longest,
             "max_tokens_per_word": max(len(ids) for ids in pieces.values())}
-
-
-def build_text_encoder(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
-    """A small CLIPTextModel whose vocabulary and positions match the tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-
-
-def build_unet(latent_size: int, latent_channels: int, block_out_channels: Sequence[int],
-               down_block_types: Sequence[str], up_block_types: Sequence[str], layers_per_block: int,
-               attention_head_dim: int, cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=tuple(block_out_channels), down_block_types=tuple(down_block_types),
-        up_block_types=tuple(up_block_types), layers_per_block=layers_per_block,
-        attention_head_dim=attention_head_dim, cross_attention_dim=cross_attention_dim,
-        norm_num_groups=min(32, min(block_out_channels)),
-    )
-
-
-def build_scheduler():
-    """DDIM with the Stable Diffusion 1.x schedule: scaled-linear betas 0.00085..0.012 over 1000 steps."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-
-
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -421,7 +357,7 @@ def pretrain(cfg: DictConfig) -> float:
         # text features, and pairing them with the last text encoder would mix two different models.
         ema_unet = copy.deepcopy(unet).requires_grad_(False)
         ema_text_encoder = copy.deepcopy(text_encoder).requires_grad_(False)
-        scheduler = build_scheduler()
+        scheduler = tiny_scheduler()
         log.info("unet %.2f M parameters | text encoder %.2f M | vocabulary %d tokens, captions up to %d tokens",
                  count_parameters(unet) / 1e6, count_parameters(text_encoder) / 1e6, len(tokenizer),
                  record["tokenizer"]["max_caption_tokens"])
@@ -434,7 +370,7 @@ def pretrain(cfg: DictConfig) -> float:
         optimizer = torch.optim.AdamW(parameters, lr=unet_cfg.learning_rate, weight_decay=unet_cfg.weight_decay)
         lr_schedule = get_cosine_schedule_with_warmup(optimizer, unet_cfg.warmup_steps, unet_cfg.steps)
         data_rng, noise = np.random.default_rng([cfg.seed, UNET_DATA]), torch_generator(cfg.seed, UNET_NOISE)
-        eval_pipeline = assemble_pipeline(vae, ema_text_encoder, tokenizer, ema_unet, build_scheduler())
+        eval_pipeline = assemble_pipeline(vae, ema_text_encoder, tokenizer, ema_unet, tiny_scheduler())
         unet_losses, eval_history, interval_loss = [], [], 0.0
         stage_started, eval_seconds = time.perf_counter(), 0.0
         unet.train(), text_encoder.train()
