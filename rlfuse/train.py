@@ -19,7 +19,7 @@ from rlfuse import config
 from rlfuse.cli import run_hydra_app
 from rlfuse.engine import checkpoint
 from rlfuse.engine.distributed import assign_advantages, gather_lists, shared_run_dir, weights_spread
-from rlfuse.engine.evaluation import evaluate, save_eval_images
+from rlfuse.engine.evaluation import evaluation_stage
 from rlfuse.engine.logbook import Logbook, drop_epochs_from, epoch_metrics
 from rlfuse.engine.optimize import NonFiniteGuard, optimize
 from rlfuse.lora import ReferencePolicy, trainable_parameters
@@ -68,13 +68,7 @@ def train(cfg: DictConfig) -> float:
     source = config.make_source(cfg, checked, network, family, sampler, accelerator, show)
     latent_shape = family.latent_shape(cfg.model.resolution)
     eval_settings, optimize_settings = config.eval_settings(cfg, checked), config.optimize_settings(cfg, checked)
-
-    def evaluation_stage(epoch: int) -> dict[str, float]:
-        result = evaluate(network, family, sampler, reward, eval_settings, latent_shape, rank, world, device,
-                          accelerator.autocast)
-        if is_main:
-            logbook.eval_grid(save_eval_images(run_dir, result, epoch, final=epoch == cfg.epochs), epoch)
-        return result.metrics
+    evaluation = (network, family, sampler, reward, eval_settings, latent_shape, accelerator, run_dir)
 
     # ---- Resume: optimizer, algorithm state, RNG; the epochs logged after the checkpoint run again.
     first_epoch = 1
@@ -86,7 +80,8 @@ def train(cfg: DictConfig) -> float:
     logbook = Logbook(run_dir, first_epoch, cfg.epochs, show) if is_main else None
     if is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    last_eval = evaluation_stage(0) if (cfg.eval.every > 0 and first_epoch == 1) else {}
+    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False) if (cfg.eval.every > 0 and first_epoch == 1) \
+        else {}
     if last_eval and is_main:
         log.info("epoch 0 (before training) | eval reward %.4f", last_eval["eval_reward_mean"])
         logbook.record({"epoch": 0, **last_eval})
@@ -118,7 +113,7 @@ def train(cfg: DictConfig) -> float:
                                 micro_steps * cfg.hardware.train_batch_size * world, sample_seconds, train_seconds)
         # ---- 4. Evaluate: held-out prompts at fixed seeds.
         if cfg.eval.every > 0 and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
-            last_eval = evaluation_stage(epoch)
+            last_eval = evaluation_stage(*evaluation, logbook, epoch, final=epoch == cfg.epochs)
             metrics.update(last_eval)
         metrics["seconds"] = time.perf_counter() - epoch_start
         # ---- 5. Log: metrics.jsonl, TensorBoard, the samples' grid, the summary line.

@@ -94,3 +94,15 @@ def save_eval_images(run_dir: Path, evaluation: Evaluation, epoch: int, final: b
         first_images = grid_cells(first, len(images), images.shape[-2], images.shape[-1])
         captioned_pairs(first_images, images, evaluation.prompts).save(folder / "before_after.png")
     return grid
+
+
+def evaluation_stage(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, reward: Reward,
+                     settings: EvalSettings, latent_shape: tuple[int, ...], accelerator, run_dir: Path, logbook,
+                     epoch: int, final: bool) -> dict[str, float]:
+    """Evaluate on every process; rank 0 writes the grids (and logs the grid to TensorBoard).
+    Returns the evaluation's metrics."""
+    result = evaluate(network, family, sampler, reward, settings, latent_shape, accelerator.process_index,
+                      accelerator.num_processes, accelerator.device, accelerator.autocast)
+    if accelerator.is_main_process:
+        logbook.eval_grid(save_eval_images(run_dir, result, epoch, final), epoch)
+    return result.metrics
