@@ -36,6 +36,7 @@ def test_every_published_entry_cites_the_table_or_figure_it_comes_from(name):
     assert "|" not in published  # a cell of REPORT.md's table
 
 
+@pytest.mark.slow
 def test_a_short_toy_run_renders_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch):
     one_epoch = [o for o in reproduce.TOY_COMMON if not o.startswith(("epochs=", "eval.every=", "sample.num_steps="))]
     monkeypatch.setattr(reproduce, "TOY_COMMON", [*one_epoch, "epochs=1", "eval.every=1", "eval.num_images=4",

@@ -148,6 +148,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_
     assert_same_final_run(full, resumed)
 
 
+@pytest.mark.slow
 def test_resume_of_a_folder_with_another_config_is_refused(tmp_path):
     run_dir = train(tmp_path, *FAST, "epochs=1")
     result = run_train(tmp_path, *FAST, "epochs=2", "seed=5", f"resume={run_dir}")
@@ -278,6 +279,7 @@ def test_first_logged_d3po_loss_is_log_2(tmp_path, finetune):
     assert second["loss"] != pytest.approx(math.log(2), abs=1e-6), "the policy moved after the first step"
 
 
+@pytest.mark.slow
 def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tmp_path):
     run_dir = train(tmp_path, *FAST, "epochs=3", "algorithm.objective.estimator=score_function",
                     "algorithm.learning_rate=1e-3", "log.images_every=0")
@@ -372,6 +374,7 @@ def test_nan_rewards_in_a_row_stop_the_run_with_one_line_and_keep_the_last_check
     assert checkpoints == ["epoch_000001", "epoch_000002"], checkpoints  # epoch 3 is the second NaN epoch
 
 
+@pytest.mark.slow
 def test_nan_gradients_skip_the_update_and_stop_after_too_many(tmp_path, tiny_pipeline):
     """An infinite reward weight makes every gradient Inf/NaN: no update may touch the weights (with
     weight decay on, a step on zeroed gradients would), and too many in a row stop the run."""
