@@ -77,7 +77,7 @@ def build_reward(node: DictConfig, key: str, label: str, prompts: list[str] | No
 def family_of(cfg: DictConfig) -> type:
     from rlfuse.families import family_class
 
-    return family_class(cfg.model.family)
+    return family_class(cfg.model.get("family", "sd"))  # run folders made before model.family existed: sd
 
 
 def check_resolution(cfg: DictConfig) -> None:
@@ -158,8 +158,9 @@ def check_numbers(cfg: DictConfig) -> None:
 def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
     """What the algorithm needs against what the source and the settings give, refused once, here."""
     name = cfg.algorithm.name
-    if algorithm.pairs and not replay:  # rows 2i, 2i+1: two images of one prompt from the same noise
-        check(cfg.sample.images_per_prompt % 2 == 0 and cfg.sample.same_noise_per_prompt,
+    source_pairs = True if replay else online_settings(cfg).pairs
+    if algorithm.pairs:  # rows 2i, 2i+1: two images of one prompt from the same noise
+        check(source_pairs,
               f"algorithm={name} trains on pairs of images of one prompt from the same initial noise: "
               f"set sample.images_per_prompt to an even number and sample.same_noise_per_prompt=true")
     if algorithm.pairs:
@@ -169,6 +170,9 @@ def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
     if replay:
         check(algorithm.pairs, f"feedback=human: algorithm={name} cannot learn from preference labels; "
                                f"add algorithm=d3po")
+    check(cfg.sample.images_per_prompt >= algorithm.min_group_size,
+          f"sample.images_per_prompt={cfg.sample.images_per_prompt}: algorithm={name} compares the images of a "
+          f"prompt with each other; sample at least {algorithm.min_group_size} per prompt")
     if algorithm.single_update:
         check(cfg.algorithm.inner_epochs == 1, f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: the "
                                                f"score-function estimator takes one step per sampling round; set "
@@ -185,8 +189,22 @@ def preflight(cfg: DictConfig) -> Checked:
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     family = family_of(cfg)
     family.check_source(cfg.model.pretrained, cfg.model.revision, cfg.model.get("lora_weights"))
-    check_resolution(cfg)
-    sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta)
+    try:  # a folder whose parts lack their config files
+        check_resolution(cfg)
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.pretrained={cfg.model.pretrained}: not a complete {family.name} pipeline folder "
+                        f"({str(error).strip().splitlines()[0][:160]}); point it at a folder save_pretrained wrote") \
+            from None
+    check(cfg.hardware.attention != "eager" or family.name == "sd",
+          f"hardware.attention=eager: plain-matmul attention is for UNet models; model={cfg.model.name} "
+          f"(family {family.name}) uses its own attention processors: use hardware.attention=sdpa")
+    sde_type = cfg.sample.sde_type
+    check(sde_type in family.sde_types,
+          f"sample.sde_type={sde_type}: model={cfg.model.name} takes "
+          f"{', '.join('null' if t is None else t for t in family.sde_types)}"
+          + (" (its DDIM sampler has no SDE type; the flow models' sde and cps steps are for model.family=sd3)"
+             if family.sde_types == (None,) else ""))
+    sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type)
     steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
     check(len(steps) > 0,
           f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
@@ -210,7 +228,10 @@ def preflight(cfg: DictConfig) -> Checked:
 
 
 def _comparable(config: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in RESUME_FREE_KEYS}
+    values = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k not in RESUME_FREE_KEYS}
+    if isinstance(values.get("model"), dict):  # runs made before model.family existed were all sd
+        values["model"].setdefault("family", "sd")
+    return values
 
 
 def find_resume_folder(cfg: DictConfig) -> Path | None:
@@ -275,9 +296,14 @@ def make_accelerator(cfg: DictConfig, checked: Checked):
                 fsdp.get("cpu_offload", False), hw.allow_tf32)
 
 
-def load_family(cfg: DictConfig):
+def load_family(cfg: DictConfig, pretrained: str | None = None, lora_weights: bool = True):
+    """The run's model family, loaded; pretrained replaces model.pretrained (an exported pipeline folder),
+    lora_weights=False leaves out model.lora_weights."""
     m = cfg.model
-    return family_of(cfg).load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+    family = family_of(cfg)
+    options = {key: m[key] for key in family.options if key in m}
+    return family.load(pretrained or m.pretrained, m.revision, m.variant, m.tiny_seed,
+                       m.get("lora_weights") if lora_weights and pretrained is None else None, **options)
 
 
 def place_models(cfg: DictConfig, family, device: torch.device) -> torch.nn.Module:
@@ -305,14 +331,26 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
         from rlfuse.sources.replay import load_replay
 
         return load_replay(cfg.feedback.path, family, device, cfg.seed, rank, world, cfg.log.grid_images)
-    from rlfuse.sources.online import OnlineSettings, OnlineSource
+    from rlfuse.sources.online import OnlineSource
+
+    return OnlineSource(network, family, sampler, checked.reward, checked.train_prompts,
+                        family.latent_shape(cfg.model.resolution), online_settings(cfg), rank, world, device,
+                        accelerator.autocast, progress)
+
+
+def online_settings(cfg: DictConfig):
+    from rlfuse.sources.online import OnlineSettings
 
     s = cfg.sample
-    settings = OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
-                              s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images)
-    return OnlineSource(network, family, sampler, checked.reward, checked.train_prompts,
-                        family.latent_shape(cfg.model.resolution), settings, rank, world, device,
-                        accelerator.autocast, progress)
+    return OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
+                          s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images)
+
+
+def check_processes(cfg: DictConfig, world: int) -> None:
+    """What depends on the process count: every process evaluates at least one held-out image."""
+    check(cfg.eval.every == 0 or cfg.eval.num_images >= world,
+          f"eval.num_images={cfg.eval.num_images}: fewer than the {world} processes; evaluate at least one image "
+          f"per process, or set eval.every=0")
 
 
 def optimize_settings(cfg: DictConfig, checked: Checked):

@@ -55,16 +55,14 @@ def find_checkpoint(path: Path) -> tuple[Path, Path]:
 def load_models(run_cfg, checkpoint: Path):
     """(base family, fine-tuned family) on the CPU; the fine-tuned one from the checkpoint's exported
     LoRA (fused), its exported pipeline, or its trainable weights loaded into the base network."""
+    from rlfuse.config import load_family
     from rlfuse.engine.checkpoint import load_checkpoint
-    from rlfuse.families import family_class
-    from rlfuse.families.sd import LORA_FILE
+    from rlfuse.families.common import LORA_FILE
 
-    m = run_cfg.model
-    family = family_class(m.get("family", "sd"))
-    base = family.load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+    base = load_family(run_cfg)
     if (checkpoint / "pipeline" / "model_index.json").is_file():
-        return base, family.load(str(checkpoint / "pipeline"))
-    tuned = family.load(m.pretrained, m.revision, m.variant, m.tiny_seed, m.get("lora_weights"))
+        return base, load_family(run_cfg, pretrained=str(checkpoint / "pipeline"))
+    tuned = load_family(run_cfg)
     if (checkpoint / "lora" / LORA_FILE).is_file():
         tuned.fuse_lora(checkpoint / "lora")
     else:  # a full fine-tune's intermediate checkpoint: the trained weights themselves
@@ -91,13 +89,13 @@ def build_reward(name: str, settings: list[str]):
 
 
 def sample_images(family, prompts: list[str], seeds: list[int], num_steps: int, guidance: float, eta: float,
-                  resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  resolution: int, sde_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (B, 3, H, W) in [0, 1], final latents (B, C, h, w)) with the training loop's sampler."""
     from rlfuse.rollout import rollout
     from rlfuse.seeding import seed_for
 
     network = family.network.eval()
-    sampled = rollout(network, family, family.sampler(eta), prompts, [seed_for(s, 0) for s in seeds],
+    sampled = rollout(network, family, family.sampler(eta, sde_type), prompts, [seed_for(s, 0) for s in seeds],
                       [seed_for(s, 1) for s in seeds], family.latent_shape(resolution), num_steps, guidance,
                       torch.device("cpu"))
     return sampled.images, sampled.chains[:, -1]
@@ -153,6 +151,7 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
     from torchvision.utils import make_grid, save_image
 
     from rlfuse.prompts import load_prompts
+    from rlfuse.rewards.base import score
 
     run_dir, checkpoint = find_checkpoint(target)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -165,13 +164,14 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
     seeds = [seed * 100_003 + i for i in range(len(prompts))]
     base, tuned = load_models(run_cfg, checkpoint)
     s = run_cfg.sample
-    args = (s.num_steps, s.guidance_scale, s.eta, run_cfg.model.resolution)
+    args = (s.num_steps, s.guidance_scale, s.eta, run_cfg.model.resolution, s.get("sde_type"))
     base_images, base_latents = sample_images(base, prompts, seeds, *args)
     tuned_images, tuned_latents = sample_images(tuned, prompts, seeds, *args)
 
     scores = {}
     for name, fn in reward_fns.items():
-        before, after = fn(base_images, prompts).scores.float(), fn(tuned_images, prompts).scores.float()
+        before = score(fn, base_images, prompts).scores.float()
+        after = score(fn, tuned_images, prompts).scores.float()
         scores[name] = {"base": float(before.mean()), "finetuned": float(after.mean()),
                         "change": float(after.mean() - before.mean()),
                         "stderr": float(torch.cat([before, after]).std() / math.sqrt(len(prompts))),

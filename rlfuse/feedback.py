@@ -53,7 +53,7 @@ def sampling_settings(name: str, pretrained: str | None, revision: str | None, v
     """The manifest's "model" and "sampler" sections: what made the chains. Local folders are made
     absolute (so a dataset names the model it came from wherever it is read); tiny_seed counts only
     for the tiny model (pretrained null)."""
-    from rlfuse.families.sd import lora_folders
+    from rlfuse.families.common import lora_folders
 
     def absolute(folder: str) -> str:
         return str(Path(folder).expanduser().resolve())

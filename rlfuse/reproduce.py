@@ -36,7 +36,7 @@ EXPERIMENTS = {
     "d3po_sd15_human_distortion": ("D3PO (Yang et al. 2024), sec. 5.2.1", "human judgement: curves only (fig. 4, hand normalcy and anime deformity rates)", "imagereward,aesthetic,alignment,diversity"),
     "d3po_sd15_human_safety": ("D3PO (Yang et al. 2024), sec. 5.2.2", "human judgement: curve only (fig. 5, safety rate)", "imagereward,aesthetic,alignment,diversity"),
     "d3po_sd15_human_alignment": ("D3PO (Yang et al. 2024), sec. 5.2.3", "CLIP 30.7 -> 31.9, BLIP 1.95 -> 2.06, ImageReward 0.04 -> 0.27, human preference 14.7% -> 55.7% (Tab. 1)", "alignment,imagereward,aesthetic,diversity"),
-    "dpok_sd15_imagereward": ("DPOK (Fan et al. 2023)", "paper not reachable here; secondary, unverified: ImageReward 0.23 -> 1.10 joint, 1.25 per prompt (v1 four-prompt table)", "imagereward,aesthetic,alignment,diversity"),
+    "dpok_sd15_imagereward": ("DPOK (Fan et al. 2023)", "secondary source, not checked against the paper: ImageReward 0.23 -> 1.10 joint, 1.25 per prompt (v1 four-prompt table)", "imagereward,aesthetic,alignment,diversity"),
     "largescale_sd15_multi": ("Large-scale RL (Zhang et al. 2024)", "SD 2 -> ours, DiffusionDB: ImageReward 0.170 -> 0.845, aesthetic 5.783 -> 5.918 (Tab. 1); joint ImageReward 0.273 -> 0.701 (Tab. 5)", "imagereward,aesthetic,alignment,diversity"),
 }
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from rlfuse.rewards.base import Reward
+from rlfuse.rewards.base import Reward, score
 
 log = logging.getLogger("rlfuse.reward_server")
 MAX_IMAGES = 1024
@@ -107,7 +107,7 @@ def make_handler(reward_fn: Reward, name: str, max_body: int) -> type[BaseHTTPRe
             try:
                 images, prompts = decode_request(self.rfile.read(length))
                 with lock:
-                    rewards = reward_fn(images, prompts).scores.float().tolist()
+                    rewards = score(reward_fn, images, prompts).scores.float().tolist()
             except BadRequest as error:
                 self._send(error.code, {"error": str(error)})
                 return

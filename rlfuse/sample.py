@@ -60,7 +60,7 @@ def choose_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
 def sample(cfg: DictConfig) -> None:
     """Roll out K chains per prompt (shared x_T per group), decode, and write the dataset folder."""
     from rlfuse.config import load_family
-    from rlfuse.families.sd import lora_folders
+    from rlfuse.families.common import lora_folders
     from rlfuse.feedback import TRAJECTORIES, sampling_settings
     from rlfuse.prompts import load_prompts
     from rlfuse.rewards.jpeg import to_uint8
@@ -77,7 +77,7 @@ def sample(cfg: DictConfig) -> None:
     family = load_family(cfg)
     for part in (*family.frozen, family.network):
         part.requires_grad_(False).to(device).eval()
-    sampler = family.sampler(sample_cfg.eta)
+    sampler = family.sampler(sample_cfg.eta, sample_cfg.get("sde_type"))
     prompts = choose_prompts(load_prompts(cfg.prompts[cfg.split]), cfg.num_prompts, cfg.seed)
     group_seeds = [seed_for(cfg.seed, 1, g) for g in range(len(prompts))]  # each group's initial noise
     latent_shape = family.latent_shape(cfg.model.resolution)

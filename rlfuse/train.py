@@ -1,9 +1,10 @@
-"""The training loop: source, advantages, optimize, log, evaluate, checkpoint; once per epoch.
+"""The training loop: source, advantages, optimize, evaluate, log, checkpoint; once per epoch.
 
     python -m rlfuse.train [group=choice ...] [key=value ...]
     accelerate launch -m rlfuse.train hardware=multi_gpu ...
 
-Only this module and rlfuse.config read the Hydra config; every stage below takes plain arguments.
+Only the top layer (this module, rlfuse.config and the other entry points) reads the Hydra config;
+every stage below takes plain arguments.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> float:
     accelerator = config.make_accelerator(cfg, checked)
     is_main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                     accelerator.num_processes, accelerator.device)
+    config.check_processes(cfg, world)
     run_dir = shared_run_dir(accelerator, HydraConfig.get().runtime.output_dir if is_main else None)
     sharded = cfg.hardware.strategy in ("deepspeed", "fsdp")  # optimizer states (and, FSDP, weights) sharded
     torch.manual_seed(seed_for(cfg.seed, rank))
@@ -61,7 +63,7 @@ def train(cfg: DictConfig) -> float:
     optimizer = config.make_optimizer(cfg, network)
     trained, optimizer = accelerator.prepare(network, optimizer)
     params = list(trainable_parameters(accelerator.unwrap_model(trained)).values())  # as the engine holds them
-    sampler = family.sampler(cfg.sample.eta)
+    sampler = family.sampler(cfg.sample.eta, cfg.sample.sde_type)
     sampler.set_timesteps(cfg.sample.num_steps, device=device)
     policy = Policy(trained, family, sampler, cfg.sample.guidance_scale, reference)
     show = cfg.progress and is_main

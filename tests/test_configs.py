@@ -82,7 +82,7 @@ def run_cli(*args: str) -> Result:
 @pytest.mark.parametrize("args, expected", [
     (["nonsense_key=1"], "unknown config key 'nonsense_key'"),
     (["sample.num_stepz=3"], "unknown config key 'sample.num_stepz'"),
-    (["model=sd99"], "valid choices: sd15, sd21, tiny"),
+    (["model=sd99"], "valid choices: sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_sd3, toy"),
     (["sample.eta=fast"], "'sample.eta' must be a float"),
     (["epochs=2.5"], "'epochs' must be an int"),
     (["sample.eta=0"], "must be > 0"),
@@ -118,6 +118,20 @@ def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp
     assert not any(tmp_path.iterdir()), "no run folder is made for a bad command line"
 
 
+def test_a_bad_command_line_in_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    """The cases above run in this process; the program's own process prints nothing else (no import
+    warnings, no traceback) and makes no run folder."""
+    import os
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "rlfuse.train", "model.resolution=33", f"run_root={tmp_path}"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rlfuse: error: model.resolution=33: must be a positive multiple of 2 for model=toy (its VAE's factor); use 32"]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("accepted", [
     ["+extra.key=1"], ["~eval.seed"], ["hydra.job.name=x"], ["model.lora.target_modules=[to_q]"],
     ["model.pretrained=null"], ["-cn", "train"], ["-m", "seed=0,1"],
@@ -133,4 +147,4 @@ def test_help_lists_groups_and_choices():
     assert result.returncode == 0
     for group in config_groups():
         assert f"{group}:" in result.stdout
-    assert "sd15, sd21, tiny" in result.stdout
+    assert "sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_sd3, toy" in result.stdout

@@ -21,13 +21,15 @@ class Algorithm(Protocol):
     needs_reference: compares the policy with the base model (rlfuse.lora.ReferencePolicy);
     pairs: trains on pairs, rows 2i and 2i+1 of one prompt from one initial noise (groups of 2),
         kept together in minibatches and trained on the same steps;
-    single_update: exact only for the policy that sampled, so one optimizer step per sampling round.
+    single_update: exact only for the policy that sampled, so one optimizer step per sampling round;
+    min_group_size: the fewest images of one prompt per batch it can learn from (GRPO's groups).
     Every algorithm here trains on stored sampler chains with their log-probs (Trajectories).
     """
 
     needs_reference: bool
     pairs: bool
     single_update: bool
+    min_group_size: int
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor,
                    terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -73,6 +73,7 @@ class D3PO:
     needs_reference = True  # ratios are taken against the base model
     pairs = True            # rows 2i, 2i+1 are trained together, on the same denoising steps
     single_update = False   # PPO-style clipped ratios: several optimizer steps per round are fine
+    min_group_size = 2      # a pair: two images of one prompt
 
     def __init__(self, beta: float = 0.1, clip_range: float = 0.1):
         if beta <= 0 or not 0 < clip_range < 1:

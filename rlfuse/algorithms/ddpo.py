@@ -86,6 +86,7 @@ class DDPO:
 
     needs_reference = False  # DDPO compares the policy with the one that sampled, not the base model
     pairs = False            # trajectories are trained on one by one
+    min_group_size = 1       # per-prompt statistics fall back on the batch's
 
     def __init__(
         self,

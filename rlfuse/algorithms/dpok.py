@@ -126,6 +126,7 @@ class DPOK:
     needs_reference = True
     pairs = False
     single_update = False
+    min_group_size = 1
 
     def __init__(self, reward_weight: float = 100.0, kl_weight: float = 0.01, clip_range: float = 1e-4,
                  baseline: str = "per_prompt", buffer_size: int = 16, min_count: int = 16,

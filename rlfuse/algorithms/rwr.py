@@ -82,6 +82,7 @@ class RWR:
     needs_reference = False
     pairs = False
     single_update = False
+    min_group_size = 1
 
     def __init__(self, temperature: float = 0.5, per_prompt: bool = False, weighting: str = "weighted",
                  quantile: float = 0.9, normalize: bool = True):

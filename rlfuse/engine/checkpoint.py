@@ -171,7 +171,7 @@ def restore(accelerator, optimizer: torch.optim.Optimizer, algorithm, optimizer_
         optimizer.load_state_dict(optimizer_state)
     elif accelerator.is_main_process:
         logging.getLogger("rlfuse").warning(
-            "resuming a sharded run: the optimizer moments restart (they are sharded across processes and "
+            "resuming a run under DeepSpeed or FSDP: the optimizer moments restart (they are sharded across processes and "
             "not in the checkpoint)")
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])

@@ -15,7 +15,7 @@ import torch
 from rlfuse.dynamics import Sampler
 from rlfuse.families import ModelFamily
 from rlfuse.images import captioned_pairs, grid_cells, grid_columns
-from rlfuse.rewards.base import Reward
+from rlfuse.rewards.base import Reward, score
 from rlfuse.rollout import rollout
 from rlfuse.seeding import seed_for
 
@@ -63,7 +63,7 @@ def evaluate(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, re
                           [seed_for(settings.seed, 1, i) for i in indices], latent_shape, settings.num_steps,
                           settings.guidance_scale, device, autocast)
         images = sampled.images
-        scored = reward(images, prompts)
+        scored = score(reward, images, prompts)
         rewards = scored.scores.float().cpu().tolist()
         details = {name: [float(v) for v in values[:len(prompts)]] for name, values in scored.details.items()}
     all_rewards = gather_object(rewards)

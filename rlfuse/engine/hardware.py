@@ -78,10 +78,12 @@ def accelerator_plugins(strategy: str, zero_stage: int, offload_optimizer: bool,
 def configure_unet(unet: torch.nn.Module, attention: str, gradient_checkpointing: bool, compile_unet: bool,
                    channels_last: bool) -> None:
     """Set the UNet's attention backend, memory layout, checkpointing and compilation, in place."""
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if attention == "sdpa":
-        unet.set_attn_processor(AttnProcessor2_0())      # torch's scaled_dot_product_attention
+        if isinstance(unet, UNet2DConditionModel):      # transformers' own processors already use SDPA
+            unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention
     elif attention == "eager":
         unet.set_attn_processor(AttnProcessor())         # plain matmul + softmax
     else:

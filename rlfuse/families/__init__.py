@@ -14,23 +14,25 @@ from rlfuse.errors import UserError
 from rlfuse.trajectories import Conditioning
 
 # model.family -> "module:class"
-FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion"}
+FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion", "sd3": "rlfuse.families.sd3:StableDiffusion3"}
 
 
 class ModelFamily(Protocol):
     """What the loop needs of a text-to-image model family.
 
     Class-level start-up checks (no weights read): check_source(pretrained, revision, lora_weights),
-    load_scheduler(pretrained, revision), sampler_for_checks(pretrained, revision, eta),
+    load_scheduler(pretrained, revision), sampler_for_checks(pretrained, revision, eta, sde_type),
     resolution_multiple(pretrained, revision).
     """
 
     name: str
     default_lora_targets: tuple[str, ...]
+    options: tuple[str, ...]             # family-specific keys of conf/model/ that load() takes
+    sde_types: tuple[str | None, ...]    # the sample.sde_type values its sampler takes
     network: torch.nn.Module             # the trained denoiser (UNet or transformer)
     frozen: list[torch.nn.Module]        # text encoders and VAE
 
-    def sampler(self, eta: float) -> Sampler: ...
+    def sampler(self, eta: float, sde_type: str | None = None) -> Sampler: ...
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]: ...
 

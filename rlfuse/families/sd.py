@@ -11,56 +11,15 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from rlfuse.dynamics.ddim import DDIMSampler
 from rlfuse.errors import UserError
+from rlfuse.families.common import LORA_FILE, check_source, fuse_lora_folder, lora_folders, save_pipeline_with  # noqa: F401
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_pipeline, tiny_scheduler
 from rlfuse.trajectories import Conditioning
 
 # Attention projections: the LoRA targets of diffusers' text-to-image LoRA example and of DDPO.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-# The file export_lora writes (and pipeline.load_lora_weights reads) in a LoRA folder.
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 # ----------------------------------------------------------------------------- start-up checks (no weights read)
-
-
-def lora_folders(lora_weights: str | list[str] | None) -> list[str]:
-    """model.lora_weights as a list of folders: null -> [], one folder -> [it]."""
-    if lora_weights is None:
-        return []
-    return [lora_weights] if isinstance(lora_weights, str) else [str(folder) for folder in lora_weights]
-
-
-def check_source(pretrained: str | None, revision: str | None = None,
-                 lora_weights: str | list[str] | None = None) -> None:
-    """Fail fast, before any run folder exists, when the weights cannot be had.
-
-    A local folder must hold model_index.json; a hub id must be cached when offline
-    (HF_HUB_OFFLINE=1), otherwise from_pretrained will download it. Each LoRA folder of
-    lora_weights must hold the diffusers-format file that export_lora writes.
-    """
-    for folder in lora_folders(lora_weights):
-        if not (Path(folder).expanduser() / LORA_FILE).is_file():
-            raise UserError(f"model.lora_weights={folder!r}: no {LORA_FILE} there; give a LoRA folder such as "
-                            f"<run>/checkpoints/epoch_NNNNNN/lora")
-    if pretrained is None:
-        return
-    pretrained = os.path.expanduser(pretrained)
-    if os.path.isdir(pretrained):
-        if not os.path.isfile(os.path.join(pretrained, "model_index.json")):
-            raise UserError(f"model.pretrained={pretrained!r}: the folder holds no model_index.json; point it at a "
-                            f"diffusers pipeline folder (pipeline.save_pretrained writes one)")
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
-    if looks_like_path:
-        raise UserError(f"model.pretrained={pretrained!r}: no such folder; give an existing pipeline folder or a hub id")
-    if constants.HF_HUB_OFFLINE and not isinstance(
-        try_to_load_from_cache(pretrained, "model_index.json", revision=revision), str
-    ):
-        raise UserError(f"model.pretrained={pretrained!r}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                        f"run `huggingface-cli download {pretrained}` on a connected machine, or set "
-                        f"model.pretrained to a local pipeline folder")
 
 
 def load_scheduler(pretrained: str | None, revision: str | None = None) -> DDIMScheduler:
@@ -72,7 +31,8 @@ def load_scheduler(pretrained: str | None, revision: str | None = None) -> DDIMS
     return DDIMScheduler.from_config(config)
 
 
-def sampler_for_checks(pretrained: str | None, revision: str | None, eta: float) -> DDIMSampler:
+def sampler_for_checks(pretrained: str | None, revision: str | None, eta: float,
+                       sde_type: str | None = None) -> DDIMSampler:
     """The sampler the run will use, from the scheduler's config alone: for start-up checks."""
     return DDIMSampler(load_scheduler(pretrained, revision), eta)
 
@@ -101,6 +61,8 @@ class StableDiffusion:
 
     name = "sd"
     default_lora_targets = DEFAULT_LORA_TARGETS
+    options = ()
+    sde_types = (None,)  # DDIM: eta is its only sampler setting
 
     def __init__(self, pipeline: StableDiffusionPipeline):
         self.pipeline = pipeline
@@ -153,7 +115,7 @@ class StableDiffusion:
     def frozen(self) -> list[torch.nn.Module]:
         return [self.pipeline.vae, self.pipeline.text_encoder]
 
-    def sampler(self, eta: float) -> DDIMSampler:
+    def sampler(self, eta: float, sde_type: str | None = None) -> DDIMSampler:
         return DDIMSampler(self.pipeline.scheduler, eta)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
@@ -211,24 +173,8 @@ class StableDiffusion:
     # -- LoRA folders and export
 
     def fuse_lora(self, folder: Path) -> None:
-        """Add a diffusers-format LoRA (export_lora's folder) into the UNet's weights for good.
-
-        The adapter is unloaded after fusing, so the UNet is a plain one again: new adapters and the
-        reference policy then start from the fused model, the one that sampled the next round.
-        """
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": rlfuse trains the UNet only
-        try:
-            self.pipeline.load_lora_weights(str(folder), adapter_name="fused")
-            self.pipeline.fuse_lora(adapter_names=["fused"])
-            self.pipeline.unload_lora_weights()
-        except (ValueError, RuntimeError, KeyError, OSError) as error:
-            raise UserError(f"model.lora_weights={str(folder)!r}: cannot fuse it into this model (was it trained on "
-                            f"another one?) [{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}]") from None
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        """Add a diffusers-format LoRA (export_lora's folder) into the UNet's weights for good."""
+        fuse_lora_folder(self.pipeline, folder)
 
     def export_lora(self, network: torch.nn.Module, folder: Path) -> None:
         """Write the UNet's LoRA in the diffusers format: pipeline.load_lora_weights(folder) loads it."""
@@ -242,26 +188,8 @@ class StableDiffusion:
             folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=metadata)
 
     def export_pipeline(self, network: torch.nn.Module, folder: Path) -> None:
-        """Write a full pipeline folder holding the fine-tuned UNet: from_pretrained(folder) loads it.
-
-        Every part is written in fp32, whatever the training precision: frozen parts cast to fp16 for
-        speed would otherwise load back beside an fp32 UNet and fail on the first matrix product.
-        """
-        pipeline = self.pipeline
-        original_unet = pipeline.unet
-        pipeline.unet = network
-        dtypes = {name: getattr(pipeline, name).dtype for name in ("vae", "text_encoder")}
-        try:
-            dtypes["unet"] = network.dtype
-            for name, dtype in dtypes.items():
-                if dtype != torch.float32:
-                    getattr(pipeline, name).to(torch.float32)
-            pipeline.save_pretrained(folder, safe_serialization=True)
-        finally:
-            for name, dtype in dtypes.items():
-                if dtype != torch.float32:
-                    getattr(pipeline, name).to(dtype)
-            pipeline.unet = original_unet
+        """Write a full pipeline folder holding the fine-tuned UNet: from_pretrained(folder) loads it."""
+        save_pipeline_with(self.pipeline, "unet", network, folder)
 
 
 # The start-up checks, reachable from the family (config.py picks the family by model.family).

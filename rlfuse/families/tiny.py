@@ -133,3 +133,57 @@ def build_tiny_pipeline(seed: int = 0, num_merges: int = 2000, max_length: int =
     vae = build_vae(TINY_VAE_BLOCKS, layers_per_block=1, latent_channels=4, image_size=32, norm_num_groups=16)
     text_encoder = build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, tiny_scheduler())
+
+
+# ----------------------------------------------------------------------------- tiny flow-matching pipelines
+
+
+def tiny_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """The tiny VAE of the flow pipelines: 16 latent channels, 2x down-sampling, no quant convs (as SD3's)."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=TINY_VAE_BLOCKS, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
+        sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_clip_with_projection(tokenizer, seed: int):
+    """A tiny CLIPTextModelWithProjection (hidden 32, 2 layers, projection 32): SD3's and FLUX's CLIP class."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+
+
+def build_tiny_sd3(seed: int = 0, num_merges: int = 2000, max_length: int = 16):
+    """A tiny randomly initialised StableDiffusion3Pipeline (the classes of SD3 / SD3.5), without T5.
+
+    32 px images, 16x16x16 latents, patch 2 (64 image tokens); the transformer has SD3.5's second
+    attention in its first block (dual_attention_layers). Builds in about a second.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(Path(folder) / "one", num_merges, max_length)
+        tokenizer_2 = build_tokenizer(Path(folder) / "two", num_merges, max_length)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,),
+    )
+    vae = tiny_flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+    text_encoder = tiny_clip_with_projection(tokenizer, seed + 1)
+    text_encoder_2 = tiny_clip_with_projection(tokenizer_2, seed + 2)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

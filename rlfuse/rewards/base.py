@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from rlfuse.errors import UserError
+
 
 @dataclass(frozen=True)
 class RewardOutput:
@@ -24,8 +26,21 @@ class RewardOutput:
     details: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def score(reward: Reward, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+    """Call a reward; a bare (B,) tensor (a reward written to the plain contract) counts as its scores.
+    Raises UserError (one line) naming the reward when the answer is neither."""
+    answer = reward(images, prompts)
+    if isinstance(answer, torch.Tensor):
+        return RewardOutput(answer)
+    if not isinstance(answer, RewardOutput):
+        raise UserError(f"reward {type(reward).__name__} returned {type(answer).__name__}; a reward returns a "
+                         f"(B,) tensor of scores or a rlfuse.rewards.base.RewardOutput")
+    return answer
+
+
 class Reward(Protocol):
-    """images (B, 3, H, W) in [0, 1] and B prompts in, a RewardOutput out.
+    """images (B, 3, H, W) in [0, 1] and B prompts in, a RewardOutput out (or a bare (B,) tensor of
+    scores: callers go through `score`, which wraps it).
 
     A reward may also have `check_ready()` (raise ValueError when its weights or server are missing;
     called once at start-up) and `check_prompts(prompts)` (raise ValueError for prompts it cannot score).

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rlfuse.rewards.base import Reward, RewardOutput
+from rlfuse.rewards.base import Reward, RewardOutput, score
 
 
 class MultiReward:
@@ -40,6 +40,6 @@ class MultiReward:
                 fn.check_prompts(prompts)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
-        values = {name: fn(images, prompts).scores.float().cpu() for name, (_, fn) in self.terms.items()}
+        values = {name: score(fn, images, prompts).scores.float().cpu() for name, (_, fn) in self.terms.items()}
         total = sum(weight * values[name] for name, (weight, _) in self.terms.items())
         return RewardOutput(total, terms=values, details=dict(values))

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from rlfuse.dynamics import Sampler
 from rlfuse.families import ModelFamily
 from rlfuse.prompts import draw_prompts
-from rlfuse.rewards.base import Reward
+from rlfuse.rewards.base import Reward, score
 from rlfuse.rollout import rollout
 from rlfuse.seeding import seed_for
 from rlfuse.sources import EpochBatch
@@ -34,6 +34,11 @@ class OnlineSettings:
     num_steps: int
     guidance_scale: float
     grid_images: int
+
+    @property
+    def pairs(self) -> bool:
+        """Rows 2i, 2i+1 are two images of one prompt from one initial noise."""
+        return self.same_noise_per_prompt and self.images_per_prompt % 2 == 0
 
 
 def batch_plan(settings: OnlineSettings, prompts: list[str], epoch: int, batch: int, rank: int, world: int,
@@ -65,8 +70,7 @@ class OnlineSource:
         self.network, self.family, self.sampler, self.reward = network, family, sampler, reward
         self.prompts, self.latent_shape, self.settings = prompts, latent_shape, settings
         self.rank, self.world, self.device, self.autocast, self.progress = rank, world, device, autocast, progress
-        # Pairs of one prompt from one noise, when the images of a prompt share x_T in even groups.
-        self.pairs = settings.same_noise_per_prompt and settings.images_per_prompt % 2 == 0
+        self.pairs = settings.pairs
 
     def epoch(self, epoch: int) -> EpochBatch:
         """Every step of every trajectory, with its log-prob at sampling time, and the rewards."""
@@ -81,12 +85,13 @@ class OnlineSource:
             sampled = rollout(self.network, self.family, self.sampler, prompts, noise_seeds, step_seeds,
                               self.latent_shape, settings.num_steps, settings.guidance_scale, self.device,
                               self.autocast)
-            scored = self.reward(sampled.images, prompts)
+            scored = score(self.reward, sampled.images, prompts)
             rewards = scored.scores.to(self.device).float()                                       # (B,)
             terms = torch.stack([v.float() for v in scored.terms.values()], dim=1).to(self.device) \
                 if scored.terms else None                                                          # (B, R)
             for name, values in scored.details.items():
                 details.setdefault(name, []).extend(float(v) for v in values[:len(prompts)])
             batches.append(sampled.trajectories(prompts, torch.tensor(ids, device=self.device), rewards, terms))
-            images.append(sampled.images[:settings.grid_images])
+            if sum(len(i) for i in images) < settings.grid_images:  # the first images of the epoch, for the log
+                images.append(sampled.images[:settings.grid_images].cpu())
         return EpochBatch(Trajectories.cat(batches), torch.cat(images)[:settings.grid_images], details)

@@ -108,6 +108,6 @@ def load_replay(path: str, family: ModelFamily, device: torch.device, seed: int,
         labelled_pairs=pairs, images_per_prompt=dataset.images_per_prompt, prompts=prompts,
         image_files=[list(group.files) for group in dataset.groups],
         latents=chains["latents"].to(device), log_probs=chains["log_probs"].to(device),
-        timesteps=chains["timesteps"].to(device), conditioning=conditioning.select(slice(None)),
+        timesteps=chains["timesteps"].to(device), conditioning=conditioning,
         seed=seed, rank=rank, world=world, grid_images=grid_images,
     )

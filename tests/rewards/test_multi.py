@@ -28,3 +28,16 @@ def test_prompt_checks_reach_the_terms():
 def test_a_term_without_a_reward_is_refused():
     with pytest.raises(ValueError, match="terms.jpeg: needs fn"):
         MultiReward({"jpeg": {"weight": 1.0}})
+
+
+def test_a_reward_returning_a_bare_tensor_counts_as_its_scores_and_anything_else_is_one_line():
+    import pytest
+
+    from rlfuse.errors import UserError
+    from rlfuse.rewards.base import RewardOutput, score
+
+    images = torch.rand(2, 3, 8, 8)
+    plain = score(lambda images, prompts: torch.tensor([1.0, 2.0]), images, ["a", "b"])
+    assert isinstance(plain, RewardOutput) and plain.scores.tolist() == [1.0, 2.0] and plain.terms == {}
+    with pytest.raises(UserError, match="returned list; a reward returns a"):
+        score(lambda images, prompts: [1.0, 2.0], images, ["a", "b"])

@@ -1,0 +1,98 @@
+"""What every diffusers-pipeline family shares: where weights come from, LoRA folders fused into a
+pipeline, and a pipeline folder written with a fine-tuned network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rlfuse.errors import UserError
+
+# The file export_lora writes (and pipeline.load_lora_weights reads) in a LoRA folder.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# ----------------------------------------------------------------------------- start-up checks (no weights read)
+
+
+def lora_folders(lora_weights: str | list[str] | None) -> list[str]:
+    """model.lora_weights as a list of folders: null -> [], one folder -> [it]."""
+    if lora_weights is None:
+        return []
+    return [lora_weights] if isinstance(lora_weights, str) else [str(folder) for folder in lora_weights]
+
+
+def check_source(pretrained: str | None, revision: str | None = None,
+                 lora_weights: str | list[str] | None = None) -> None:
+    """Fail fast, before any run folder exists, when the weights cannot be had.
+
+    A local folder must hold model_index.json; a hub id must be cached when offline
+    (HF_HUB_OFFLINE=1), otherwise from_pretrained will download it. Each LoRA folder of
+    lora_weights must hold the diffusers-format file that export_lora writes.
+    """
+    for folder in lora_folders(lora_weights):
+        if not (Path(folder).expanduser() / LORA_FILE).is_file():
+            raise UserError(f"model.lora_weights={folder!r}: no {LORA_FILE} there; give a LoRA folder such as "
+                            f"<run>/checkpoints/epoch_NNNNNN/lora")
+    if pretrained is None:
+        return
+    pretrained = os.path.expanduser(pretrained)
+    if os.path.isdir(pretrained):
+        if not os.path.isfile(os.path.join(pretrained, "model_index.json")):
+            raise UserError(f"model.pretrained={pretrained!r}: the folder holds no model_index.json; point it at a "
+                            f"diffusers pipeline folder (pipeline.save_pretrained writes one)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model.pretrained={pretrained!r}: no such folder; give an existing pipeline folder or a hub id")
+    if constants.HF_HUB_OFFLINE and not isinstance(
+        try_to_load_from_cache(pretrained, "model_index.json", revision=revision), str
+    ):
+        raise UserError(f"model.pretrained={pretrained!r}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        f"run `huggingface-cli download {pretrained}` on a connected machine, or set "
+                        f"model.pretrained to a local pipeline folder")
+
+
+def fuse_lora_folder(pipeline, folder: Path) -> None:
+    """Add a diffusers-format LoRA folder into the pipeline's network weights for good.
+
+    The adapter is unloaded after fusing, so the network is a plain one again: new adapters and the
+    reference policy then start from the fused model, the one that sampled the next round.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": rlfuse trains the denoiser only
+    try:
+        pipeline.load_lora_weights(str(folder), adapter_name="fused")
+        pipeline.fuse_lora(adapter_names=["fused"])
+        pipeline.unload_lora_weights()
+    except (ValueError, RuntimeError, KeyError, OSError) as error:
+        raise UserError(f"model.lora_weights={str(folder)!r}: cannot fuse it into this model (was it trained on "
+                        f"another one?) [{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}]") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def save_pipeline_with(pipeline, part: str, network: torch.nn.Module, folder: Path) -> None:
+    """Write the pipeline with `network` in place of its `part` (unet, transformer): from_pretrained(folder)
+    loads it. Every module is written in fp32, whatever the training precision: frozen parts cast to
+    fp16 for speed would otherwise load back beside an fp32 network and fail on the first matrix product."""
+    original = getattr(pipeline, part)
+    setattr(pipeline, part, network)
+    modules = {name: module for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+    dtypes = {name: module.dtype for name, module in modules.items()}
+    try:
+        for name, dtype in dtypes.items():
+            if dtype != torch.float32:
+                modules[name].to(torch.float32)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        for name, dtype in dtypes.items():
+            if dtype != torch.float32:
+                modules[name].to(dtype)
+        setattr(pipeline, part, original)

@@ -1,0 +1,181 @@
+"""The Stable Diffusion 3 / 3.5 family: rectified-flow MMDiT transformers with two CLIP text encoders
+and an optional T5 (StableDiffusion3Pipeline), sampled by the flow step with log-probabilities."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from rlfuse.dynamics.flow import FlowSampler
+from rlfuse.errors import UserError
+from rlfuse.families.common import check_source, fuse_lora_folder, lora_folders, save_pipeline_with
+from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_sd3
+from rlfuse.trajectories import Conditioning
+
+# The attention projections of the joint blocks (image and text streams), as Flow-GRPO's LoRA
+# (yifan123/flow_grpo scripts/train_sd3.py); the suffixes also match SD3.5's second attention (attn2).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def load_scheduler(pretrained: str | None, revision: str | None = None) -> FlowMatchEulerDiscreteScheduler:
+    """The pipeline's flow-matching scheduler from its config alone (no weights read)."""
+    if pretrained is None:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    config = FlowMatchEulerDiscreteScheduler.load_config(os.path.expanduser(pretrained), subfolder="scheduler",
+                                                         revision=revision)
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def sampler_for_checks(pretrained: str | None, revision: str | None, eta: float,
+                       sde_type: str | None = None) -> FlowSampler:
+    return FlowSampler(load_scheduler(pretrained, revision), eta, sde_type or "sde")
+
+
+def resolution_multiple(pretrained: str | None, revision: str | None = None) -> int:
+    """Image sides must be multiples of the VAE's factor times the transformer's patch size."""
+    if pretrained is None:
+        return 2 ** (len(TINY_VAE_BLOCKS) - 1) * 2
+    path = os.path.expanduser(pretrained)
+    vae = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
+    transformer = SD3Transformer2DModel.load_config(path, subfolder="transformer", revision=revision)
+    return 2 ** (len(vae["block_out_channels"]) - 1) * transformer["patch_size"]
+
+
+class StableDiffusion3:
+    """The model-family protocol (rlfuse.families.ModelFamily) for StableDiffusion3Pipeline checkpoints.
+
+    network: the SD3Transformer2DModel; frozen: the VAE and the text encoders. Conditioning:
+    prompt_embeds (B, L, D) (CLIP states beside T5's, or zeros without T5) and pooled_embeds (B, P),
+    and the empty prompt's negative_embeds and negative_pooled_embeds for classifier-free guidance.
+    """
+
+    name = "sd3"
+    default_lora_targets = DEFAULT_LORA_TARGETS
+    options = ("text_encoder_3", "max_sequence_length")
+    sde_types = (None, "sde", "cps")  # None: "sde"
+
+    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int = 256):
+        self.pipeline = pipeline
+        self.max_sequence_length = max_sequence_length
+        self._negative: Conditioning | None = None
+
+    @classmethod
+    def load(cls, pretrained: str | None, revision: str | None = None, variant: str | None = None,
+             tiny_seed: int = 0, lora_weights: str | list[str] | None = None, text_encoder_3: bool = True,
+             max_sequence_length: int = 256) -> StableDiffusion3:
+        """The pipeline from a hub id or folder (without T5 when text_encoder_3 is false: about 10 GB
+        less), or the tiny one when pretrained is None; LoRA folders of lora_weights fused in order."""
+        if pretrained is None:
+            pipeline = build_tiny_sd3(seed=tiny_seed)
+        else:
+            pretrained = os.path.expanduser(pretrained)
+            without_t5 = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+            try:
+                pipeline = StableDiffusion3Pipeline.from_pretrained(pretrained, revision=revision, variant=variant,
+                                                                    **without_t5)
+            except (OSError, ValueError) as error:
+                raise UserError(f"model.pretrained={pretrained!r}: cannot load a StableDiffusion3Pipeline from it; "
+                                f"download it with `huggingface-cli download {pretrained}` or give a local pipeline "
+                                f"folder [{type(error).__name__}]") from None
+        pipeline.set_progress_bar_config(disable=True)
+        family = cls(pipeline, max_sequence_length)
+        for folder in lora_folders(lora_weights):
+            family.fuse_lora(Path(folder).expanduser())
+        return family
+
+    # -- parts
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    @property
+    def frozen(self) -> list[torch.nn.Module]:
+        encoders = [self.pipeline.text_encoder, self.pipeline.text_encoder_2, self.pipeline.text_encoder_3]
+        return [self.pipeline.vae, *(e for e in encoders if e is not None)]
+
+    def sampler(self, eta: float, sde_type: str | None = None) -> FlowSampler:
+        return FlowSampler(self.pipeline.scheduler, eta, sde_type or "sde")
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.pipeline.vae_scale_factor * self.pipeline.transformer.config.patch_size
+        if resolution % factor:
+            raise UserError(f"model.resolution={resolution}: must be a multiple of {factor} (the VAE's factor times "
+                            f"the patch size)")
+        side = resolution // self.pipeline.vae_scale_factor
+        return self.pipeline.transformer.config.in_channels, side, side
+
+    # -- conditioning, prediction, decoding
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
+        return embeds, pooled
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """The conditioning of B prompts; each distinct prompt is encoded once (T5-XXL is the largest part)."""
+        unique = sorted(set(prompts))
+        embeds, pooled = self._encode(unique, device)
+        rows = [unique.index(p) for p in prompts]
+        if self._negative is None or self._negative["prompt_embeds"].device != embeds.device:
+            negative, negative_pooled = self._encode([""], device)
+            self._negative = Conditioning({"prompt_embeds": negative, "pooled_embeds": negative_pooled})
+        count = len(prompts)
+        return Conditioning({
+            "prompt_embeds": embeds[rows], "pooled_embeds": pooled[rows],
+            "negative_embeds": self._negative["prompt_embeds"].expand(count, -1, -1),
+            "negative_pooled_embeds": self._negative["pooled_embeds"].expand(count, -1),
+        })
+
+    def predict(self, network: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """(B, C, h, w) the guided velocity uncond + scale * (cond - uncond), both branches in one
+        batched forward. timesteps: (B,) or scalar, on the scheduler's 0-1000 scale."""
+        timesteps = torch.as_tensor(timesteps, device=latents.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        if guidance_scale == 1.0:
+            return network(hidden_states=latents, timestep=timesteps, encoder_hidden_states=conditioning["prompt_embeds"],
+                           pooled_projections=conditioning["pooled_embeds"]).sample
+        prediction = network(
+            hidden_states=torch.cat([latents, latents]), timestep=torch.cat([timesteps, timesteps]),
+            encoder_hidden_states=torch.cat([conditioning["negative_embeds"], conditioning["prompt_embeds"]]),
+            pooled_projections=torch.cat([conditioning["negative_pooled_embeds"], conditioning["pooled_embeds"]]),
+        ).sample
+        uncond, cond = prediction.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (the VAE's scaling and shift undone)."""
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- LoRA folders and export
+
+    def fuse_lora(self, folder: Path) -> None:
+        fuse_lora_folder(self.pipeline, folder)
+
+    def export_lora(self, network: torch.nn.Module, folder: Path) -> None:
+        """The transformer's LoRA in the diffusers format, with its alpha in the adapter metadata:
+        StableDiffusion3Pipeline.load_lora_weights(folder) gives the trained model exactly."""
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=get_peft_model_state_dict(network), safe_serialization=True,
+            transformer_lora_adapter_metadata=network.peft_config["default"].to_dict())
+
+    def export_pipeline(self, network: torch.nn.Module, folder: Path) -> None:
+        save_pipeline_with(self.pipeline, "transformer", network, folder)
+
+
+# The start-up checks, reachable from the family (config.py picks the family by model.family).
+StableDiffusion3.check_source = staticmethod(check_source)
+StableDiffusion3.load_scheduler = staticmethod(load_scheduler)
+StableDiffusion3.resolution_multiple = staticmethod(resolution_multiple)
+StableDiffusion3.sampler_for_checks = staticmethod(sampler_for_checks)
