@@ -132,6 +132,8 @@ class Checked:
 def check_numbers(cfg: DictConfig) -> None:
     """Counts, ranges and divisibility of the loop's settings."""
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    check(cfg.eval.get("num_steps") is None or cfg.eval.num_steps >= 1,
+          f"eval.num_steps={cfg.eval.get('num_steps')}: must be >= 1, or null for sample.num_steps")
     for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
                 "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
                 "algorithm.gradient_accumulation_steps", "checkpoint.every", "max_nonfinite_in_row"):
@@ -153,6 +155,22 @@ def check_numbers(cfg: DictConfig) -> None:
           f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
           f"minibatches per epoch ({minibatches})")
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+
+
+def check_window(cfg: DictConfig) -> int:
+    """sample.sde_window fits the chain; returns its size (0: every step stochastic)."""
+    window, steps = cfg.sample.get("sde_window"), cfg.sample.num_steps
+    if not window or not window.size:
+        return 0
+    first, end = window.range[0], steps if window.range[1] is None else window.range[1]
+    check(1 <= window.size <= steps, f"sample.sde_window.size={window.size}: must be in [0, sample.num_steps={steps}]")
+    check(0 <= first and first + window.size <= end <= steps,
+          f"sample.sde_window.range=[{first}, {window.range[1]}]: must hold a window of {window.size} steps within "
+          f"the {steps} sampler steps (0 <= first, first + size <= last + 1 <= sample.num_steps)")
+    check(window.shift_every >= 0, f"sample.sde_window.shift_every={window.shift_every}: must be >= 0")
+    check(OmegaConf.select(cfg, "feedback.name") != "human",
+          "sample.sde_window: feedback=human replays stored chains; set sample.sde_window.size=0")
+    return window.size
 
 
 def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
@@ -206,6 +224,9 @@ def preflight(cfg: DictConfig) -> Checked:
              if family.sde_types == (None,) else ""))
     sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type)
     steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
+    window = check_window(cfg)
+    if window:  # only the window's steps are stored: they are the trainable ones
+        steps = torch.arange(window)
     check(len(steps) > 0,
           f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
           f"sample.num_steps={cfg.sample.num_steps}, eta={cfg.sample.eta}; lower it")
@@ -342,8 +363,12 @@ def online_settings(cfg: DictConfig):
     from rlfuse.sources.online import OnlineSettings
 
     s = cfg.sample
+    window = s.get("sde_window", {})
+    first, end = window.get("range", [0, None]) if window else (0, None)
     return OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
-                          s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images)
+                          s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images,
+                          window.get("size", 0) if window else 0, (first, s.num_steps if end is None else end),
+                          window.get("shift_every", 0) if window else 0)
 
 
 def check_processes(cfg: DictConfig, world: int) -> None:
@@ -363,5 +388,7 @@ def optimize_settings(cfg: DictConfig, checked: Checked):
 def eval_settings(cfg: DictConfig, checked: Checked):
     from rlfuse.engine.evaluation import EvalSettings
 
-    return EvalSettings(checked.eval_prompts, cfg.eval.num_images, cfg.eval.seed, cfg.sample.num_steps,
-                        cfg.sample.guidance_scale)
+    steps, guidance = cfg.eval.get("num_steps"), cfg.eval.get("guidance_scale")
+    return EvalSettings(checked.eval_prompts, cfg.eval.num_images, cfg.eval.seed,
+                        cfg.sample.num_steps if steps is None else steps,
+                        cfg.sample.guidance_scale if guidance is None else guidance)

@@ -32,14 +32,18 @@ class Rollout(NamedTuple):
     images: torch.Tensor
 
     def trajectories(self, prompts: list[str], sample_ids: torch.Tensor, rewards: torch.Tensor,
-                     reward_terms: torch.Tensor | None = None) -> Trajectories:
-        """The chains as training data. clone(): copies made outside inference mode, since inference
-        tensors cannot be saved for backward."""
+                     reward_terms: torch.Tensor | None = None, window: tuple[int, int] | None = None) -> Trajectories:
+        """The chains as training data: every step, or only the window (start, size) of stochastic
+        steps. clone(): copies made outside inference mode, since inference tensors cannot be saved for
+        backward."""
         count = len(prompts)
+        start, size = window if window is not None else (0, len(self.timesteps))
+        steps = slice(start, start + size)
         return Trajectories(
-            conditioning=self.conditioning.clone(), latents=self.chains[:, :-1].clone(),
-            next_latents=self.chains[:, 1:].clone(), timesteps=self.timesteps.expand(count, -1).clone(),
-            log_probs=self.log_probs.clone(), rewards=rewards,
+            conditioning=self.conditioning.clone(), latents=self.chains[:, steps].clone(),
+            next_latents=self.chains[:, start + 1:start + size + 1].clone(),
+            timesteps=self.timesteps[steps].expand(count, -1).clone(), log_probs=self.log_probs[:, steps].clone(),
+            rewards=rewards,
             reward_terms=reward_terms if reward_terms is not None else rewards.new_zeros(count, 0),
             advantages=torch.zeros_like(rewards), prompts=prompts, sample_ids=sample_ids,
         )
@@ -48,16 +52,19 @@ class Rollout(NamedTuple):
 @torch.inference_mode()
 def sample_chain(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, conditioning: Conditioning,
                  initial_latents: torch.Tensor, num_steps: int, guidance_scale: float,
-                 step_generators: list[torch.Generator], progress: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 step_generators: list[torch.Generator], progress: bool = False,
+                 window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Roll out the sampler from initial noise (B, C, h, w) (unscaled standard normal), recording every
-    transition. Returns chains (B, T+1, C, h, w), log_probs (B, T), timesteps (T,)."""
+    transition; with a window (start, size), only its steps are stochastic and the others
+    deterministic (Flow-GRPO-Fast, MixGRPO). Returns chains (B, T+1, C, h, w), log_probs (B, T)
+    (0 for deterministic steps), timesteps (T,)."""
     timesteps = sampler.set_timesteps(num_steps, device=initial_latents.device)
     latents = sampler.initial_latents(initial_latents)
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(timesteps, desc="denoise", leave=False, disable=not progress):
+    for i, t in enumerate(tqdm(timesteps, desc="denoise", leave=False, disable=not progress)):
         prediction = family.predict(network, sampler.model_input(latents, t), t, conditioning, guidance_scale)
-        latents, log_prob = sampler.step(prediction, t, latents, generator=step_generators)
+        stochastic = window is None or window[0] <= i < window[0] + window[1]
+        latents, log_prob = sampler.step(prediction, t, latents, generator=step_generators, stochastic=stochastic)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1), timesteps
@@ -66,8 +73,10 @@ def sample_chain(network: torch.nn.Module, family: ModelFamily, sampler: Sampler
 def rollout(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, prompts: list[str],
             noise_seeds: list[int], step_seeds: list[int], latent_shape: tuple[int, ...], num_steps: int,
             guidance_scale: float, device: torch.device,
-            autocast: Callable[[], AbstractContextManager] = nullcontext) -> Rollout:
-    """Sample B = len(prompts) images: noise_seeds fix each x_T, step_seeds each chain's sampler noise.
+            autocast: Callable[[], AbstractContextManager] = nullcontext,
+            window: tuple[int, int] | None = None) -> Rollout:
+    """Sample B = len(prompts) images: noise_seeds fix each x_T, step_seeds each chain's sampler noise;
+    window (start, size): the only stochastic steps (see sample_chain).
 
     Latents stay fp32 under mixed precision (autocast covers the network only); images are decoded
     after the chain, outside autocast.
@@ -76,7 +85,7 @@ def rollout(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, pro
     initial = initial_noise(latent_shape, noise_seeds)
     with autocast():
         chains, log_probs, timesteps = sample_chain(network, family, sampler, conditioning, initial.to(device),
-                                                    num_steps, guidance_scale, generators(step_seeds))
+                                                    num_steps, guidance_scale, generators(step_seeds), window=window)
     with torch.inference_mode():
         images = family.decode(chains[:, -1])
     return Rollout(chains, log_probs, timesteps, conditioning, images)

@@ -42,3 +42,19 @@ def test_a_resolution_the_vae_cannot_make_is_refused():
     assert family.latent_shape(36) == (4, 18, 18)
     with pytest.raises(UserError, match="model.resolution=33: must be a multiple of 2"):
         family.latent_shape(33)
+
+
+def test_outside_a_window_the_steps_are_deterministic_with_no_log_prob():
+    family = StableDiffusion(build_tiny_pipeline(seed=0))
+    sampler = family.sampler(1.0)
+    args = (family.network, family, sampler, ["a cat"], [1], [2], family.latent_shape(32), 5, 5.0, CPU)
+    windowed = rollout(*args, window=(1, 2))
+    assert (windowed.log_probs[0, 1:3] != 0).all()
+    assert (windowed.log_probs[0, [0, 3, 4]] == 0).all()
+    # the steps before the window are those of a fully deterministic chain from the same x_T
+    ode = family.sampler(1e-12)
+    deterministic = rollout(family.network, family, ode, ["a cat"], [1], [2], family.latent_shape(32), 5, 5.0, CPU)
+    torch.testing.assert_close(windowed.chains[:, 1], deterministic.chains[:, 1], atol=1e-5, rtol=0)
+    stored = windowed.trajectories(["a cat"], torch.arange(1), torch.zeros(1), window=(1, 2))
+    assert torch.equal(stored.latents[0], windowed.chains[0, 1:3]) and torch.equal(stored.next_latents[0],
+                                                                                     windowed.chains[0, 2:4])

@@ -190,9 +190,11 @@ class DDIMSampler:
         return self.scheduler.scale_model_input(latents, timesteps)
 
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
-             generator: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_{t-1} (B, C, h, w), log_prob (B,)): one drawn step."""
-        return ddim_step_with_logprob(self.scheduler, model_output, timestep, sample, eta=self.eta, generator=generator)
+             generator: list[torch.Generator] | None = None, stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{t-1} (B, C, h, w), log_prob (B,)): one drawn step; stochastic=False takes the deterministic
+        step (eta 0: log_prob 0)."""
+        return ddim_step_with_logprob(self.scheduler, model_output, timestep, sample,
+                                      eta=self.eta if stochastic else 0.0, generator=generator)
 
     def transition(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> Transition:
         """The Gaussian of the step at timesteps (B,) from sample (B, C, h, w)."""

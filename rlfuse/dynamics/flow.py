@@ -139,9 +139,10 @@ class FlowSampler:
         return latents
 
     def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
-             generator: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return flow_step_with_logprob(self.scheduler, model_output, timestep, sample, self.noise_level,
-                                      self.sde_type, generator=generator)
+             generator: list[torch.Generator] | None = None, stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x' (B, C, h, w), log_prob (B,)); stochastic=False takes the Euler ODE step (log_prob 0)."""
+        return flow_step_with_logprob(self.scheduler, model_output, timestep, sample,
+                                      self.noise_level if stochastic else 0.0, self.sde_type, generator=generator)
 
     def transition(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> Transition:
         return flow_transition(self.scheduler, model_output, timesteps, sample, self.noise_level, self.sde_type)

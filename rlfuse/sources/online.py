@@ -24,7 +24,11 @@ from rlfuse.trajectories import Trajectories
 class OnlineSettings:
     """seed: the run's seed; batches_per_epoch, batch_size: sampling batches per process and their size;
     images_per_prompt: K images of each drawn prompt in a batch; same_noise_per_prompt: the K share x_T;
-    num_steps, guidance_scale: the sampler's; grid_images: images kept for the log's grid."""
+    num_steps, guidance_scale: the sampler's; grid_images: images kept for the log's grid.
+    window_size: 0, or the number of consecutive stochastic steps (the others deterministic), the only
+    steps stored and trained; window_range: (first, last + 1) steps the window may cover;
+    window_shift_every: 0 draws the window's start anew for every sampling batch (Flow-GRPO-Fast),
+    N > 0 moves it one step later every N epochs, back to the first after the last (MixGRPO)."""
 
     seed: int
     batches_per_epoch: int
@@ -34,6 +38,9 @@ class OnlineSettings:
     num_steps: int
     guidance_scale: float
     grid_images: int
+    window_size: int = 0
+    window_range: tuple[int, int] = (0, 0)
+    window_shift_every: int = 0
 
     @property
     def pairs(self) -> bool:
@@ -60,6 +67,22 @@ def batch_plan(settings: OnlineSettings, prompts: list[str], epoch: int, batch: 
     return chosen, ids, noise_seeds, step_seeds
 
 
+def sde_window(settings: OnlineSettings, epoch: int, batch: int) -> tuple[int, int] | None:
+    """(start, size) of the stochastic steps of sampling batch `batch` of `epoch`, the same on every
+    process; None without a window. Flow-GRPO-Fast draws the start uniformly in [first, last + 1 -
+    size] for every sampling call (flow_grpo scripts/train_sd3_fast.py); MixGRPO's progressive
+    window moves one step every window_shift_every iterations and rolls back (Tencent-Hunyuan/MixGRPO
+    fastvideo/utils/grpo_states.py)."""
+    if settings.window_size == 0:
+        return None
+    first, end = settings.window_range
+    starts = end - settings.window_size - first + 1                     # how many starts fit
+    if settings.window_shift_every > 0:
+        return first + ((epoch - 1) // settings.window_shift_every) % starts, settings.window_size
+    rng = np.random.default_rng(seed_for(settings.seed, epoch, 6, batch))
+    return first + int(rng.integers(starts)), settings.window_size
+
+
 class OnlineSource:
     """Samples of the current policy, rewarded. network: the trained denoiser as sampling calls it
     (unwrapped); autocast: the run's mixed-precision context."""
@@ -82,16 +105,18 @@ class OnlineSource:
                       leave=False):
             prompts, ids, noise_seeds, step_seeds = batch_plan(settings, self.prompts, epoch, b, self.rank,
                                                                self.world, prompt_rng)
+            window = sde_window(settings, epoch, b)
             sampled = rollout(self.network, self.family, self.sampler, prompts, noise_seeds, step_seeds,
                               self.latent_shape, settings.num_steps, settings.guidance_scale, self.device,
-                              self.autocast)
+                              self.autocast, window)
             scored = score(self.reward, sampled.images, prompts)
             rewards = scored.scores.to(self.device).float()                                       # (B,)
             terms = torch.stack([v.float() for v in scored.terms.values()], dim=1).to(self.device) \
                 if scored.terms else None                                                          # (B, R)
             for name, values in scored.details.items():
                 details.setdefault(name, []).extend(float(v) for v in values[:len(prompts)])
-            batches.append(sampled.trajectories(prompts, torch.tensor(ids, device=self.device), rewards, terms))
+            batches.append(sampled.trajectories(prompts, torch.tensor(ids, device=self.device), rewards, terms,
+                                                window))
             if sum(len(i) for i in images) < settings.grid_images:  # the first images of the epoch, for the log
                 images.append(sampled.images[:settings.grid_images].cpu())
         return EpochBatch(Trajectories.cat(batches), torch.cat(images)[:settings.grid_images], details)

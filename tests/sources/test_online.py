@@ -10,7 +10,7 @@ from rlfuse.families.tiny import build_tiny_pipeline
 from rlfuse.rewards.multi import MultiReward
 from rlfuse.rewards.jpeg import JpegReward
 from rlfuse.seeding import seed_for
-from rlfuse.sources.online import OnlineSettings, OnlineSource, batch_plan
+from rlfuse.sources.online import OnlineSettings, OnlineSource, batch_plan, sde_window
 
 PROMPTS = ["a cat", "a dog", "a fox", "an owl", "a bee"]
 
@@ -64,3 +64,36 @@ def test_an_epoch_of_the_tiny_model_carries_rewards_terms_and_details():
     assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     again = source.epoch(1)
     assert torch.equal(again.samples.next_latents, samples.next_latents)  # seeded by (seed, epoch, sample id)
+
+
+def test_a_fast_window_starts_anywhere_in_its_range_the_same_on_every_process():
+    fast = settings(4, num_steps=10, window_size=3, window_range=(0, 5))
+    starts = {sde_window(fast, epoch, batch)[0] for epoch in range(1, 30) for batch in range(2)}
+    assert starts == {0, 1, 2}                                  # flow_grpo: randint(0, 5 - 3), both ends
+    assert sde_window(fast, 4, 1) == sde_window(fast, 4, 1) and sde_window(fast, 4, 1)[1] == 3
+    assert sde_window(settings(4), 1, 0) is None
+
+
+def test_a_progressive_window_moves_one_step_every_n_epochs_and_rolls_back():
+    mix = settings(4, num_steps=10, window_size=4, window_range=(0, 7), window_shift_every=2)
+    assert [sde_window(mix, epoch, 0)[0] for epoch in range(1, 11)] == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+
+
+def test_a_windowed_epoch_stores_and_scores_only_its_stochastic_steps():
+    from rlfuse.policy import Policy
+
+    family = StableDiffusion(build_tiny_pipeline(seed=0))
+    sampler = family.sampler(1.0)
+    source = OnlineSource(family.network, family, sampler, JpegReward(), PROMPTS, family.latent_shape(32),
+                          settings(4, num_steps=6, window_size=2, window_range=(1, 5)), rank=0, world=1,
+                          device=torch.device("cpu"), autocast=nullcontext)
+    samples = source.epoch(1).samples
+    start = sde_window(source.settings, 1, 1)[0]               # the last batch's window
+    assert samples.latents.shape[1] == 2 and samples.log_probs.shape == (8, 2)
+    assert (samples.log_probs != 0).all()                      # both stored steps are stochastic
+    sampler.set_timesteps(6)
+    assert torch.equal(samples.timesteps[4], sampler.scheduler.timesteps[start:start + 2])
+    policy = Policy(family.network, family, sampler, 5.0)
+    with torch.no_grad():
+        rescored = torch.stack([policy.log_prob(samples, torch.full((8,), j)) for j in range(2)], dim=1)
+    torch.testing.assert_close(rescored, samples.log_probs, atol=1e-5, rtol=0)
