@@ -14,7 +14,8 @@ from rlfuse.errors import UserError
 from rlfuse.trajectories import Conditioning
 
 # model.family -> "module:class"
-FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion", "sd3": "rlfuse.families.sd3:StableDiffusion3"}
+FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion", "sd3": "rlfuse.families.sd3:StableDiffusion3",
+            "flux": "rlfuse.families.flux:Flux"}
 
 
 class ModelFamily(Protocol):
@@ -32,6 +33,10 @@ class ModelFamily(Protocol):
     network: torch.nn.Module             # the trained denoiser (UNet or transformer)
     frozen: list[torch.nn.Module]        # text encoders and VAE
 
+    @classmethod
+    def load(cls, pretrained: str | None, revision: str | None = None, variant: str | None = None,
+             tiny_seed: int = 0, lora_weights: str | list[str] | None = None, **options) -> ModelFamily: ...
+
     def sampler(self, eta: float, sde_type: str | None = None) -> Sampler: ...
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]: ...
@@ -42,6 +47,8 @@ class ModelFamily(Protocol):
                 conditioning: Conditioning, guidance_scale: float) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def fuse_lora(self, folder: Path) -> None: ...
 
     def export_lora(self, network: torch.nn.Module, folder: Path) -> None: ...
 
