@@ -3,6 +3,7 @@ and how an epoch's time grows with batch size, denoising steps and resolution.
 
     python benchmarks/floor.py                   # floor on model=tiny and model=toy, levers on tiny
     python benchmarks/floor.py --scaling         # also the scaling sweep on model=tiny -> docs/scaling.png
+    python benchmarks/floor.py --models tiny_sd3 --lever-models none --out benchmarks/results/floor_flow.json
 
 Floor: the same UNet forward passes with the same shapes in a bare loop (inference mode, batch 2B
 for guidance, T steps), against rlfuse.rollout's chain (sample_chain: DDIM with log-probs), and the
@@ -11,6 +12,14 @@ forward+backward passes against rlfuse's training step (recomputed log-prob with
 PPO loss, backward, AdamW step). Levers: each variant against its baseline in alternation in one
 process, one thread (torch.set_num_threads(1)); ratios variant / baseline, median and spread over
 repeats, in CPU time (time.process_time). A benchmark, not a test: figures depend on the machine and its load.
+
+model=tiny_sd3 (the flow family, rlfuse.families.sd3): the same comparisons with the SD3 transformer.
+The bare sampling loop is the same batched guidance forward of 2B per step, the guided velocity and a
+plain Euler update x + v dt, no log-prob; rlfuse's chain is sample_chain with the family's
+FlowSampler (the "sde" step with its log-prob). Training is the same as the other models' (DDPO's loss
+on Policy.log_prob through the flow step, backward, clipping, AdamW), and forward + backward of
+Policy.log_prob alone, against bare transformer forward+backward passes of the same shapes. No levers
+(they are UNet settings).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from rlfuse.algorithms.ddpo import DDPO  # noqa: E402
 from rlfuse.families.sd import StableDiffusion  # noqa: E402
+from rlfuse.families.sd3 import StableDiffusion3  # noqa: E402
 from rlfuse.lora import add_lora, trainable_parameters  # noqa: E402
 from rlfuse.policy import Policy  # noqa: E402
 from rlfuse.rewards.jpeg import JpegReward  # noqa: E402
@@ -42,10 +52,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # The side-by-side benchmark's work (one sampling batch, one epoch's training of it).
 BATCH, STEPS, TRAIN_BATCH, TRAIN_STEPS, GUIDANCE, ETA = 8, 10, 4, 5, 5.0, 1.0
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# model=tiny_sd3: Flow-GRPO's noise level, and the LoRA of rlfuse/conf/model/tiny_sd3.yaml.
+FLOW_ETA, FLOW_LORA_ALPHA, FLOW_TARGETS = 0.7, 8, list(StableDiffusion3.default_lora_targets)
+FLOW_MODELS = ("tiny_sd3",)
 
 
-def load(model: str) -> StableDiffusion:
-    """model=tiny (built in code) or model=toy (the shipped folder), DDIM, LoRA on TARGETS, SDPA attention."""
+def load(model: str) -> StableDiffusion | StableDiffusion3:
+    """model=tiny (built in code) or model=toy (the shipped folder), DDIM, LoRA on TARGETS, SDPA attention;
+    model=tiny_sd3 (built in code, no T5, 16 zero-padding tokens), LoRA as rlfuse/conf/model/tiny_sd3.yaml,
+    the transformer's own (SDPA) attention processors."""
+    if model == "tiny_sd3":
+        family = StableDiffusion3.load(None, tiny_seed=0, max_sequence_length=16)
+        add_lora(family.network, 4, FLOW_LORA_ALPHA, FLOW_TARGETS)
+        return family
     family = StableDiffusion.load(None if model == "tiny" else str(ROOT / "rlfuse" / "toy" / "pretrained"), tiny_seed=0)
     add_lora(family.network, 4, 4, TARGETS)
     family.network.set_attn_processor(AttnProcessor2_0())
@@ -55,9 +74,11 @@ def load(model: str) -> StableDiffusion:
 class Bench:
     """One model family, its prompts' conditioning and an optimizer, with the timed pieces as methods."""
 
+    eta = ETA
+
     def __init__(self, family: StableDiffusion, batch: int = BATCH, steps: int = STEPS, resolution: int = 32):
         self.family, self.unet, self.batch, self.steps = family, family.network, batch, steps
-        self.sampler = family.sampler(ETA)
+        self.sampler = family.sampler(self.eta)
         self.latent_shape = family.latent_shape(resolution)
         self.device = torch.device("cpu")
         self.prompts = ["a cat"] * batch
@@ -137,6 +158,55 @@ class Bench:
     def epoch(self) -> None:
         self.samples = self.sample_decode_reward()
         self.train()
+
+
+class FlowBench(Bench):
+    """The flow family (model=tiny_sd3): bare loops of SD3 transformer forwards; rlfuse's side is Bench's."""
+
+    eta = FLOW_ETA
+
+    def __init__(self, family: StableDiffusion3, **kwargs):
+        super().__init__(family, **kwargs)
+        self.pooled = self.conditioning["pooled_embeds"]
+        self.negative_pooled = self.conditioning["negative_pooled_embeds"]
+        # The chain's sigmas, computed once: the bare loop has no scheduler.
+        self.sampler.set_timesteps(self.steps)
+        self.sigmas = self.sampler.scheduler.sigmas.tolist()
+
+    def floor_sampling(self) -> None:
+        """The same transformer forwards as sampling (T x one guidance forward of 2B), the guided velocity
+        and a plain Euler update x + v dt; no log-prob, no scheduler."""
+        x = torch.randn(self.batch, *self.latent_shape)
+        states = torch.cat([self.negative, self.embeds])
+        pooled = torch.cat([self.negative_pooled, self.pooled])
+        with torch.inference_mode(), self.context():
+            for sigma, next_sigma in zip(self.sigmas[:-1], self.sigmas[1:]):
+                out = self.unet(hidden_states=torch.cat([x, x]), timestep=torch.full((2 * self.batch,), 1000 * sigma),
+                                encoder_hidden_states=states, pooled_projections=pooled).sample
+                uncond, cond = out.chunk(2)
+                x = x + (uncond + GUIDANCE * (cond - uncond)) * (next_sigma - sigma)
+
+    def floor_training(self) -> None:
+        """The same forward+backward passes as training: (B / b) x TRAIN_STEPS x (2b, C, h, w)."""
+        x = torch.randn(2 * TRAIN_BATCH, *self.latent_shape)
+        states = torch.cat([self.negative[:TRAIN_BATCH], self.embeds[:TRAIN_BATCH]])
+        pooled = torch.cat([self.negative_pooled[:TRAIN_BATCH], self.pooled[:TRAIN_BATCH]])
+        for _ in range(self.batch // TRAIN_BATCH):
+            for t in range(TRAIN_STEPS):
+                with self.context():
+                    out = self.unet(hidden_states=x, timestep=torch.full((2 * TRAIN_BATCH,), 1000 * self.sigmas[t]),
+                                    encoder_hidden_states=states, pooled_projections=pooled).sample
+                out.float().square().mean().backward()
+
+    def log_prob_training(self) -> None:
+        """Training without DDPO's loss, clipping and optimizer step: forward + backward of
+        Policy.log_prob through the flow step, on the same (B / b) x TRAIN_STEPS minibatch steps."""
+        for rows in torch.arange(self.batch).split(TRAIN_BATCH):
+            batch = self.samples[rows]
+            for step in range(TRAIN_STEPS):
+                with self.context():
+                    log_prob = self.policy.log_prob(batch, torch.full((len(batch),), step))
+                log_prob.mean().backward()
 
 
 def timed(fn) -> float:
@@ -222,11 +292,14 @@ def levers(bench: Bench, repeats: int) -> dict:
 
 
 def floor(bench: Bench, repeats: int) -> dict:
-    result = alternate({
+    pairs = {
         "sampling / bare forwards": (bench.floor_sampling, bench.sample),
         "sampling + decode + reward / bare forwards": (bench.floor_sampling, bench.sample_decode_reward),
         "training / bare forward+backward": (bench.floor_training, bench.train),
-    }, repeats)
+    }
+    if isinstance(bench, FlowBench):
+        pairs["log_prob forward+backward / bare forward+backward"] = (bench.floor_training, bench.log_prob_training)
+    result = alternate(pairs, repeats)
     trajectory = bench.samples
     stored = sum(t.numel() * t.element_size() for t in (trajectory.latents, trajectory.next_latents))
     result["stored_latents_bytes_per_sample"] = {
@@ -300,9 +373,14 @@ def main() -> None:
                        "guidance": GUIDANCE, "lora_rank": 4, "lora_targets": TARGETS}, "models": {}}
     for model in args.models.split(","):
         print(f"{model}:", flush=True)
-        bench = Bench(load(model))
+        flow = model in FLOW_MODELS
+        bench = (FlowBench if flow else Bench)(load(model))
         report["models"][model] = {"floor": floor(bench, args.repeats)}
-        if model in args.lever_models.split(","):
+        if flow:
+            report["models"][model]["work"] = {"sampler": f"flow ({bench.sampler.sde_type})", "eta": FLOW_ETA,
+                                               "lora_rank": 4, "lora_alpha": FLOW_LORA_ALPHA,
+                                               "lora_targets": FLOW_TARGETS}
+        if model in args.lever_models.split(",") and not flow:   # the levers are UNet settings
             report["models"][model]["levers"] = levers(bench, args.repeats)
     if args.scaling:
         report["scaling"] = scaling(args.scaling_repeats)

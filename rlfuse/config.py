@@ -220,9 +220,10 @@ def preflight(cfg: DictConfig) -> Checked:
     check(sde_type in family.sde_types,
           f"sample.sde_type={sde_type}: model={cfg.model.name} takes "
           f"{', '.join('null' if t is None else t for t in family.sde_types)}"
-          + (" (its DDIM sampler has no SDE type; the flow models' sde and cps steps are for model.family=sd3)"
+          + (" (its DDIM sampler has no SDE type; the flow models' sde and cps steps are for the sd3 and flux families)"
              if family.sde_types == (None,) else ""))
-    sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type)
+    sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type,
+                                        cfg.model.resolution)
     steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
     window = check_window(cfg)
     if window:  # only the window's steps are stored: they are the trainable ones

@@ -82,7 +82,7 @@ def run_cli(*args: str) -> Result:
 @pytest.mark.parametrize("args, expected", [
     (["nonsense_key=1"], "unknown config key 'nonsense_key'"),
     (["sample.num_stepz=3"], "unknown config key 'sample.num_stepz'"),
-    (["model=sd99"], "valid choices: sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_sd3, toy"),
+    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy"),
     (["sample.eta=fast"], "'sample.eta' must be a float"),
     (["epochs=2.5"], "'epochs' must be an int"),
     (["sample.eta=0"], "must be > 0"),
@@ -105,7 +105,7 @@ def run_cli(*args: str) -> Result:
     (["model.resolution=33"], "model.resolution=33: must be a positive multiple of 2 for model=toy"),
     (["model=tiny", "reward=jpeg", "prompts=simple_animals", "model.resolution=31"],
      "model.resolution=31: must be a positive multiple of 2 for model=tiny"),
-    (["model.family=sd4"], "model.family='sd4': no such model family; valid: sd, sd3"),
+    (["model.family=sd4"], "model.family='sd4': no such model family; valid: flux, sd, sd3"),
     (["sample.sde_type=cps"], "sample.sde_type=cps: model=toy takes null (its DDIM sampler has no SDE type"),
     (["model=tiny_sd3", "reward=jpeg", "prompts=simple_animals", "sample.sde_type=ode"],
      "sample.sde_type=ode: model=tiny_sd3 takes null, sde, cps"),
@@ -158,4 +158,4 @@ def test_help_lists_groups_and_choices():
     assert result.returncode == 0
     for group in config_groups():
         assert f"{group}:" in result.stdout
-    assert "sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_sd3, toy" in result.stdout
+    assert "flux_dev, flux_schnell, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy" in result.stdout

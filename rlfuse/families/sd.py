@@ -32,7 +32,7 @@ def load_scheduler(pretrained: str | None, revision: str | None = None) -> DDIMS
 
 
 def sampler_for_checks(pretrained: str | None, revision: str | None, eta: float,
-                       sde_type: str | None = None) -> DDIMSampler:
+                       sde_type: str | None = None, resolution: int | None = None) -> DDIMSampler:
     """The sampler the run will use, from the scheduler's config alone: for start-up checks."""
     return DDIMSampler(load_scheduler(pretrained, revision), eta)
 

@@ -30,7 +30,7 @@ def load_scheduler(pretrained: str | None, revision: str | None = None) -> FlowM
 
 
 def sampler_for_checks(pretrained: str | None, revision: str | None, eta: float,
-                       sde_type: str | None = None) -> FlowSampler:
+                       sde_type: str | None = None, resolution: int | None = None) -> FlowSampler:
     return FlowSampler(load_scheduler(pretrained, revision), eta, sde_type or "sde")
 
 

@@ -187,3 +187,91 @@ def build_tiny_sd3(seed: int = 0, num_merges: int = 2000, max_length: int = 16):
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+# ----------------------------------------------------------------------------- the tiny FLUX pipeline
+
+# Whole-word pieces of the tiny T5 vocabulary: the shapes world's caption words (rlfuse/toy/world.py,
+# rlfuse/assets/prompts/shapes_*.txt), the 45 animals of simple_animals.txt, and common prompt words.
+# Anything else is spelled with the single-character pieces; characters outside them (emoji) are <unk>.
+T5_WORDS = (
+    "a", "the", "of", "to", "two", "three", "circle", "square", "triangle", "circles", "squares", "triangles",
+    "red", "yellow", "green", "blue", "purple", "left", "right", "above", "below",
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+    "an", "in", "on", "at", "by", "with", "and", "is", "one", "four", "five", "photo", "painting", "picture",
+    "image", "black", "white", "orange", "brown", "pink", "gray", "small", "large", "big", "cute", "sitting",
+    "standing", "next", "front", "behind", "top", "under", "field", "grass", "water", "tree", "sky", "house", "man",
+    "woman", "portrait", "style", "car", "flower", "dark", "bright", "colorful",
+)
+T5_CHARACTERS = tuple("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") + tuple(",.'\"-!?:;()/&")
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2 (T5Tokenizer's Unigram has unk_id=2)
+T5_VOCAB_SIZE = 192
+
+
+def build_t5_tokenizer(max_length: int = 512):
+    """A tiny T5 tokenizer built in code: a Unigram vocabulary (T5's SentencePiece model type) of 192 pieces.
+
+    Pieces: <pad>, </s>, <unk>, the word boundary "▁", one piece per word of T5_WORDS ("▁circle"), and
+    the single characters. Scores are log-probabilities: a whole word (-4) beats its spelling (-8 per
+    character), so the tiny prompt sets tokenize into words and any other text into characters.
+    """
+    from transformers import T5Tokenizer
+
+    vocab = [(piece, 0.0) for piece in T5_SPECIALS] + [("▁", -6.0)]
+    vocab += [("▁" + word, -4.0) for word in T5_WORDS] + [(char, -8.0) for char in T5_CHARACTERS]
+    if len(vocab) != T5_VOCAB_SIZE or len({piece for piece, _ in vocab}) != T5_VOCAB_SIZE:
+        raise AssertionError(f"the tiny T5 vocabulary has {len(vocab)} pieces, some repeated; want {T5_VOCAB_SIZE}")
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_flux_scheduler():
+    """FLUX.1-dev's scheduler (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json): flow matching
+    with resolution-dependent shifting, mu from 0.5 at 256 image tokens to 1.15 at 4096
+    (diffusers pipeline_flux.py calculate_shift); shift 3.0 is unused with dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def build_tiny_flux(seed: int = 0, num_merges: int = 2000, max_length: int = 16):
+    """A tiny randomly initialised FluxPipeline (the classes of FLUX.1-dev), with its T5, from a seed.
+
+    32 px images, 16x16x16 latents packed into 8x8 = 64 tokens of 2x2 patches; one joint and two
+    single blocks, the guidance embedding; CLIPTextModel (FLUX reads its pooled output only) and a
+    T5 encoder (hidden 32, 2 layers) with the 192-piece tokenizer of build_t5_tokenizer. The same
+    seed gives the same weights. Sizes as /work/shared/FLOW.md section 4 (sum(axes_dims_rope) is
+    the head dim; joint_attention_dim is T5's width, pooled_projection_dim CLIP's).
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(Path(folder), num_merges, max_length)
+    tokenizer_2 = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1-dev's vae/config.json
+    torch.manual_seed(seed + 1)
+    text_encoder = build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4,
+                                      intermediate_size=64).eval()
+    torch.manual_seed(seed + 2)
+    # dropout 0 and eval(): T5's default dropout 0.1 makes a model built from a config nondeterministic
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )).eval()
+    pipeline = FluxPipeline(
+        scheduler=tiny_flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

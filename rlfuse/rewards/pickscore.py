@@ -3,9 +3,9 @@
 A CLIP ViT-H/14 (LAION-2B) fine-tuned on the Pick-a-Pic preference pairs. The score of an image for
 its prompt is logit_scale.exp() * cosine(image embedding, text embedding), both L2-normalised (the
 model card of yuvalkirstain/PickScore_v1, which loads the model with transformers' AutoModel, a
-CLIPModel, and the processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K with AutoProcessor). logit_scale.exp()
-is about 100, so raw scores sit near 20-23; Flow-GRPO, which trains SD3.5-M on PickScore, divides them
-by 26 to bring them near [0, 1] (yifan123/flow_grpo, flow_grpo/pickscore_scorer.py, PickScoreScorer:
+CLIPModel, and the processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K with AutoProcessor). CLIP caps
+logit_scale.exp() at 100 in training, so raw scores are tens; Flow-GRPO, which trains SD3.5-M on PickScore,
+divides them by 26 to bring them near [0, 1] (yifan123/flow_grpo, flow_grpo/pickscore_scorer.py, PickScoreScorer:
 `scores = logit_scale * (text_embs @ image_embs.T)`, `.diag()`, then `scores/26`; read in the copies
 ltt0716/flow_grpo_official and zqqqqz2000/flow_grpo). There the images go through the processor as PIL
 images; here the processor's steps are redone on tensors so that gradients can flow (`preprocess`).
@@ -74,7 +74,8 @@ def preprocess(images: torch.Tensor, settings: ImageSettings) -> torch.Tensor:
     else:
         size = (int(edge * height / width), edge)
     images = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    (crop_height, crop_width), top, left = settings.crop, (size[0] - settings.crop[0]) // 2, (size[1] - settings.crop[1]) // 2
+    (crop_height, crop_width) = settings.crop
+    top, left = (size[0] - crop_height) // 2, (size[1] - crop_width) // 2
     images = images[..., top:top + crop_height, left:left + crop_width].clamp(0, 1)
     mean = torch.tensor(settings.mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(settings.std, device=images.device).view(1, 3, 1, 1)
@@ -117,7 +118,7 @@ def download(repo: str, names: tuple[str, ...], key: str) -> None:
             return
         except RemoteEntryNotFoundError:
             continue  # the repository may hold the file under its other name
-        except Exception as error:  # network and hub errors alike become the one-line start-up error
+        except OSError as error:  # network and hub errors (OSErrors all) become the one-line start-up error
             raise ValueError(f"{key}={repo!r}: could not download {file} ({type(error).__name__}); "
                              f"{download_hint(repo, key)}") from None
     raise ValueError(f"{key}={repo!r}: the repository has no {' or '.join(names)}; {download_hint(repo, key)}")
@@ -159,7 +160,8 @@ class PickScoreReward:
 
     Args:
         model: the CLIPModel: a hub id (yuvalkirstain/PickScore_v1) or a folder CLIPModel.save_pretrained wrote.
-        processor: its processor (tokenizer and image settings): a hub id or a folder CLIPProcessor.save_pretrained wrote.
+        processor: its processor (tokenizer and image settings): a hub id or a folder
+            CLIPProcessor.save_pretrained wrote.
         scale: multiplies the score; 1/26 (Flow-GRPO's) brings it near [0, 1], 1.0 gives the raw PickScore.
         grad: keep gradients through the reward (for reward backpropagation); off by default.
     """
@@ -205,7 +207,8 @@ class PickScoreReward:
     def _check_match(self, config) -> None:
         """The tokenizer fills the text encoder's vocabulary and the crop is the vision encoder's input size.
         (Offline, an uncached tokenizer may load nearly empty without an error: its size tells.)"""
-        key, vocab_size, image_size = "reward.fn.processor", config.text_config.vocab_size, config.vision_config.image_size
+        key = "reward.fn.processor"
+        vocab_size, image_size = config.text_config.vocab_size, config.vision_config.image_size
         if len(self.tokenizer) != vocab_size:
             raise ValueError(f"{key}={self.processor_name!r}: the tokenizer has {len(self.tokenizer)} tokens, the text "
                              f"encoder embeds {vocab_size} (a tokenizer loaded from an incomplete download is nearly "
@@ -216,11 +219,18 @@ class PickScoreReward:
 
     def _load(self, device: torch.device) -> None:
         from transformers import AutoModel
+        from transformers.utils import logging
 
         model, processor = self._sources()
         if self.tokenizer is None:
             self._load_processor(processor)
-        self.model = AutoModel.from_pretrained(model).eval().requires_grad_(False).to(device)
+        shown = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the training log
+        try:
+            self.model = AutoModel.from_pretrained(model).eval().requires_grad_(False).to(device)
+        finally:
+            if shown:
+                logging.enable_progress_bar()
         self._check_match(self.model.config)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
