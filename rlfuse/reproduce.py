@@ -1,7 +1,7 @@
 """Run the papers' experiments (conf/experiment/) and write one report comparing them with the papers.
 
     python -m rlfuse.reproduce --scale paper   # GPUs and hub weights: the published settings
-    python -m rlfuse.reproduce --scale toy     # the same experiments on the CPU, model=toy / model=tiny
+    python -m rlfuse.reproduce --scale toy     # the same experiments on the CPU, model=toy / tiny / tiny_sd3
     (make reproduce-paper [SCALE=toy])
 
 Each experiment is `python -m rlfuse.train experiment=<name> ...` (under `accelerate launch` on
@@ -24,7 +24,8 @@ from rlfuse.cli import fail
 from rlfuse.errors import UserError
 
 # name -> (paper and where, the paper's published number (shown in REPORT.md), evaluation rewards at paper scale).
-# The numbers and their sources are in each experiment file's header (conf/experiment/<name>.yaml).
+# The numbers and their sources are in each experiment file's header (conf/experiment/<name>.yaml). `http` is the
+# experiment's own scorer server (GenEval, OCR): evaluate with --set http.fn.url=<its address>.
 EXPERIMENTS = {
     "ddpo_sd15_compressibility": ("DDPO (Black et al. 2023), sec. 6.1", "JPEG kB: curve only (fig. 4), no number in the text", "jpeg,aesthetic,alignment,diversity"),
     "ddpo_sd15_incompressibility": ("DDPO (Black et al. 2023), sec. 6.1", "JPEG kB: curve only (fig. 4), no number in the text", "jpeg,aesthetic,alignment,diversity"),
@@ -38,10 +39,13 @@ EXPERIMENTS = {
     "d3po_sd15_human_alignment": ("D3PO (Yang et al. 2024), sec. 5.2.3", "CLIP 30.7 -> 31.9, BLIP 1.95 -> 2.06, ImageReward 0.04 -> 0.27, human preference 14.7% -> 55.7% (Tab. 1)", "alignment,imagereward,aesthetic,diversity"),
     "dpok_sd15_imagereward": ("DPOK (Fan et al. 2023)", "secondary source, not checked against the paper: ImageReward 0.23 -> 1.10 joint, 1.25 per prompt (v1 four-prompt table)", "imagereward,aesthetic,alignment,diversity"),
     "largescale_sd15_multi": ("Large-scale RL (Zhang et al. 2024)", "SD 2 -> ours, DiffusionDB: ImageReward 0.170 -> 0.845, aesthetic 5.783 -> 5.918 (Tab. 1); joint ImageReward 0.273 -> 0.701 (Tab. 5)", "imagereward,aesthetic,alignment,diversity"),
+    "flowgrpo_sd35m_pickscore": ("Flow-GRPO (Liu et al. 2025), human preference alignment", "secondary source, not checked against the paper: PickScore 21.72 -> 23.31 (main results table as copied in the DGPO README)", "pickscore,aesthetic,imagereward,diversity"),
+    "flowgrpo_sd35m_geneval": ("Flow-GRPO (Liu et al. 2025), compositional image generation", "GenEval 0.63 -> 0.95 (abstract; main results table as copied in the DGPO README; curve: fig. 1)", "http,pickscore,aesthetic,imagereward,diversity"),
+    "flowgrpo_sd35m_ocr": ("Flow-GRPO (Liu et al. 2025), visual text rendering", "OCR accuracy 0.59 -> 0.92 (abstract; main results table as copied in the DGPO README)", "http,pickscore,aesthetic,imagereward,diversity"),
 }
 
 # ---- Toy scale: the same experiments on the CPU in minutes. What changes, and why:
-# Scale: 8 samples of 10 DDIM steps per epoch, TOY_EPOCHS epochs, 8 held-out images, one process.
+# Scale: 8 samples of 10 sampler steps per epoch, TOY_EPOCHS epochs, 8 held-out images, one process.
 TOY_EPOCHS = 6
 TOY_COMMON = [
     "hardware=cpu", f"epochs={TOY_EPOCHS}", "sample.num_steps=10", "sample.batches_per_epoch=1",
@@ -54,6 +58,9 @@ TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # learned reward models (aesthetic, CLIP, ImageReward) have no weights here, so those experiments run
 # on model=toy (the shipped shapes-world model) with reward=shapes, the exact checker standing in for
 # the reward model. The multi-reward experiment keeps reward=multi with shapes + diversity terms.
+# Flow-model experiments (model.family sd3 or flux: Flow-GRPO's) run on model=tiny_sd3 (random) with reward=jpeg,
+# learnable there, whatever their paper reward: PickScore has no weights here and GenEval and OCR need the user's
+# scorer server. Groups of 4 (2 per sampling batch of 8) instead of 24.
 TOY_MODEL = {
     "jpeg": ["model=tiny"],
     "learned": ["model=toy", "prompts=shapes", "reward=shapes"],
@@ -61,9 +68,11 @@ TOY_MODEL = {
               "~reward.fn.terms.alignment", "+reward.fn.terms.shapes.weight=1.0",
               "+reward.fn.terms.shapes.fn._target_=rlfuse.rewards.shapes.ShapesReward",
               "reward.fn.terms.diversity.weight=0.5", *(f"reward.fn.terms.diversity.{o}" for o in TINY_CLIP)],
+    "flow": ["model=tiny_sd3", "prompts=simple_animals", "reward=jpeg", "sample.images_per_prompt=4"],
 }
-# Learning settings measured to move these small models (docs/results.md); the papers' (LoRA,
-# clip 1e-4, lr 3e-4) barely move them in a few epochs.
+# Learning settings measured to move these small models (docs/results.md; tiny_sd3: tests/test_train.py
+# test_grpo_raises_the_jpeg_reward_on_tiny_sd3, with sample.eta=0.7, Flow-GRPO's, from the experiment files);
+# the papers' (LoRA, clip 1e-4, lr 3e-4, Flow-GRPO's KL) barely move them in a few epochs.
 TOY_ALGORITHM = {
     ("ddpo", "tiny"): ["algorithm.learning_rate=1e-2", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "tiny"): ["algorithm.learning_rate=3e-3"],  # 1e-2 at 8 samples per epoch: NaN gradients by epoch 4
@@ -71,12 +80,17 @@ TOY_ALGORITHM = {
     ("ddpo", "toy"): ["algorithm.learning_rate=1e-5", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "toy"): ["algorithm.learning_rate=1e-5"],
     ("dpok", "toy"): ["algorithm.learning_rate=1e-5", "algorithm.objective.clip_range=0.2"],
+    ("grpo", "tiny_sd3"): ["algorithm.learning_rate=1e-3", "algorithm.timestep_fraction=0.5",
+                           "algorithm.objective.clip_range=0.2", "algorithm.objective.beta=0.0"],
 }
+# The toy model of each kind (the key of TOY_ALGORITHM and TOY_EVAL).
+TOY_MODEL_NAME = {"jpeg": "tiny", "learned": "toy", "multi": "toy", "flow": "tiny_sd3"}
 # Evaluation rewards at toy scale: the trained one and ones it never saw (random tiny CLIP: a check of
 # the machinery, not of taste).
 TOY_EVAL = {
     "tiny": ("jpeg,alignment,diversity", [f"{r}.{o}" for r in ("alignment", "diversity") for o in TINY_CLIP]),
     "toy": ("shapes,jpeg,diversity", [f"diversity.{o}" for o in TINY_CLIP]),
+    "tiny_sd3": ("jpeg,alignment,diversity", [f"{r}.{o}" for r in ("alignment", "diversity") for o in TINY_CLIP]),
 }
 
 
@@ -86,20 +100,61 @@ def experiment_config(name: str, overrides: list[str] = ()):
     return check_overrides("train", [f"experiment={name}", *overrides])
 
 
+def toy_kind(cfg) -> str:
+    """jpeg | learned | multi (Stable Diffusion experiments, by reward) | flow (flow-model experiments)."""
+    if cfg.model.get("family", "sd") != "sd":
+        return "flow"
+    return "jpeg" if cfg.reward.name == "jpeg" else "multi" if cfg.reward.name == "multi" else "learned"
+
+
+def foreign_keys(cfg, overrides: list[str]) -> list[str]:
+    """Overrides removing the keys an experiment file added to a group that `overrides` switch to another
+    choice, which that choice lacks (Flow-GRPO's reward.url and reward.fn.url when reward=http becomes
+    reward=jpeg): Hydra keeps an experiment file's values over a command-line group choice."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from rlfuse.cli import CONF_DIR, config_groups
+
+    def extra(node, own, prefix: str) -> list[str]:
+        found = []
+        for key, value in node.items_ex(resolve=False):
+            if not isinstance(own, DictConfig) or key not in own:
+                found.append(f"{prefix}{key}")
+            elif isinstance(value, DictConfig):
+                found += extra(value, own[key], f"{prefix}{key}.")
+        return found
+
+    groups, found = set(config_groups()), []
+    for override in overrides:
+        group, _, choice = override.partition("=")
+        if group in groups and (CONF_DIR / group / f"{choice}.yaml").exists():
+            found += extra(cfg[group], OmegaConf.load(CONF_DIR / group / f"{choice}.yaml"), f"{group}.")
+    def missing(key: str) -> bool:
+        parent, _, leaf = key.rpartition(".")
+        return OmegaConf.is_missing(OmegaConf.select(cfg, parent), leaf)
+
+    # Hydra deletes only a key that has a value: a ??? key gets a placeholder first; the deepest keys go first, so
+    # that an interpolation (reward.fn.url: ${reward.url}) is gone before the key it reads.
+    placeholders = [f"{key}=unused" for key in found if missing(key)]
+    return [*placeholders, *(f"~{key}" for key in sorted(found, key=lambda k: -k.count(".")))]
+
+
 def toy_overrides(name: str) -> tuple[list[str], str, list[str]]:
     """(train overrides, evaluation rewards, evaluation settings) of an experiment at toy scale."""
     cfg = experiment_config(name)
-    kind = "jpeg" if cfg.reward.name == "jpeg" else "multi" if cfg.reward.name == "multi" else "learned"
-    model = "tiny" if kind == "jpeg" else "toy"
+    kind = toy_kind(cfg)
+    model = TOY_MODEL_NAME[kind]
     overrides = [*TOY_COMMON, *TOY_MODEL[kind], *TOY_ALGORITHM[(cfg.algorithm.name, model)]]
+    overrides += foreign_keys(experiment_config(name, overrides), overrides)
     rewards, settings = TOY_EVAL[model]
-    if kind == "jpeg":  # evaluate under the objective the run trained on
-        settings = [*settings, f"jpeg.fn.objective={cfg.reward.fn.objective}"]
+    if kind in ("jpeg", "flow"):  # evaluate under the objective the run trained on
+        settings = [*settings, f"jpeg.fn.objective={experiment_config(name, overrides).reward.fn.objective}"]
     return overrides, rewards, settings
 
 
 def needs_inputs(name: str) -> str | None:
-    """What an experiment needs from the user before it can run (labels, a prompt file), or None."""
+    """What an experiment needs from the user before it can run, or None: its ??? keys (labels, a prompt file,
+    a reward server's address), e.g. "reward.url, prompts.train"."""
     from omegaconf import OmegaConf
 
     from rlfuse.config import missing_keys
@@ -108,17 +163,23 @@ def needs_inputs(name: str) -> str | None:
     return ", ".join(missing) or None
 
 
-def check_paper_scale() -> int:
-    """The number of GPUs; raises UserError at once when paper scale cannot run here."""
+def check_paper_scale(names: list[str]) -> int:
+    """The number of GPUs; raises UserError at once when paper scale cannot run here (no GPU, or the base
+    weights of an experiment that needs nothing from the user are not to be had)."""
     import torch
 
     if not torch.cuda.is_available():
         raise UserError("reproduce-paper at paper scale needs CUDA GPUs (8 for the published batch sizes; found none) "
-                        "and the hub weights (stable-diffusion-v1-5, CLIP ViT-L/14, the LAION aesthetic predictor, "
-                        "ImageReward); on this machine run `make reproduce-paper SCALE=toy`")
-    from rlfuse.families.sd import check_source as check_pipeline_source
+                        "and the hub weights (stable-diffusion-v1-5, stable-diffusion-3.5-medium, CLIP ViT-L/14, the "
+                        "LAION aesthetic predictor, ImageReward, PickScore); on this machine run "
+                        "`make reproduce-paper SCALE=toy`")
+    from rlfuse.config import family_of
 
-    check_pipeline_source(experiment_config("ddpo_sd15_compressibility").model.pretrained)
+    checked = set()
+    for cfg in (experiment_config(name) for name in names if not needs_inputs(name)):
+        if (cfg.model.pretrained, cfg.model.revision) not in checked:
+            family_of(cfg).check_source(cfg.model.pretrained, cfg.model.revision)
+            checked.add((cfg.model.pretrained, cfg.model.revision))
     return torch.cuda.device_count()
 
 
@@ -138,7 +199,7 @@ def reproduce(scale: str, out: Path, only: list[str]) -> Path:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise UserError(f"--only {unknown[0]}: no such experiment; valid: {', '.join(EXPERIMENTS)}")
-    gpus = check_paper_scale() if scale == "paper" else 0
+    gpus = check_paper_scale(names) if scale == "paper" else 0
     out.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     results, start = [], time.perf_counter()
@@ -201,7 +262,8 @@ def render(scale: str, results: list[dict], seconds: float) -> str:
     if scale == "toy":
         lines += ["Toy scale is a check of the whole path (configs, training, evaluation, report), not a "
                   "reproduction: JPEG experiments on `model=tiny` (random weights), learned-reward experiments on "
-                  "`model=toy` with `reward=shapes` standing in for the reward model, "
+                  "`model=toy` with `reward=shapes` standing in for the reward model, flow-model (Flow-GRPO) "
+                  "experiments on `model=tiny_sd3` (random weights) with `reward=jpeg` in place of theirs, "
                   f"{TOY_EPOCHS} epochs of 8 samples, full fine-tuning at the learning rates measured for these "
                   "models. Unseen rewards on a random tiny CLIP check the machinery only.", ""]
     lines += ["| experiment | paper | published | trained reward: held-out during training | base -> fine-tuned "

@@ -181,7 +181,8 @@ def test_a_pipeline_folder_trains_through_model_pretrained(tmp_path, tiny_pipeli
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd3"])
+def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_path, model):
     """2 processes x 4 samples against 1 process x 8, the same seed: the same samples by
     construction (seeds follow a sample's place in the global batch) and, with one optimizer step
     per round (the score-function estimator), the same gradient but for the order of float sums.
@@ -192,7 +193,8 @@ def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_p
     is not smooth: one rounding difference made one image a byte larger on an Intel CPU.)"""
     args = [*FAST, "epochs=3", "checkpoint.every=1", "checkpoint.keep=0", "model.finetune=full",
             "algorithm.objective.estimator=score_function", "algorithm.learning_rate=1e-2",
-            "reward.fn._target_=tests.brightness_reward.BrightnessReward"]
+            "reward.fn._target_=tests.brightness_reward.BrightnessReward", f"model={model}",
+            *(["sample.eta=0.7", "algorithm.min_step_std=0"] if model == "tiny_sd3" else [])]
     accelerate = str(Path(sys.executable).parent / "accelerate")
     result = run_train(tmp_path / "two", *args, "hardware.train_batch_size=2", env={"ACCELERATE_USE_CPU": "true"},
                        launcher=(accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -216,9 +218,10 @@ def test_two_cpu_processes_share_one_run_folder_and_agree_with_one_process(tmp_p
     # After the first update the weights differ by far less than the update itself: only the order
     # of float sums differs, which Adam's first step amplifies where gradients cancel to ~0 (seen:
     # 4e-4 of the update's norm).
-    from rlfuse.families.tiny import build_tiny_pipeline
+    from rlfuse.config import load_family
+    from rlfuse.cli import check_overrides
 
-    base = dict(build_tiny_pipeline(seed=0).unet.named_parameters())
+    base = dict(load_family(check_overrides("train", [f"model={model}"])).network.named_parameters())
     w_one, w_two = (load_file(run / "checkpoints" / "epoch_000001" / "trainable.safetensors") for run in (one, two))
     gap = sum(((w_one[k] - w_two[k]) ** 2).sum() for k in w_one) ** 0.5
     update = sum(((w_one[k] - base[k].detach()) ** 2).sum() for k in w_one) ** 0.5
@@ -432,3 +435,16 @@ def test_grpo_raises_the_jpeg_reward_on_tiny_sd3(tmp_path):
     rewards = [row["reward_mean"] for row in metrics(run_dir)]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first > 0.004, rewards
+
+
+@pytest.mark.slow
+def test_grpo_on_tiny_sd3_resumed_from_its_middle_ends_bit_identical(tmp_path):
+    """Resume restores the flow model's run exactly: weights, logged rewards and losses."""
+    args = [*TINY_SD3, "algorithm=grpo", "model.finetune=full", "algorithm.learning_rate=1e-3",
+            "hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.num_steps=4",
+            "checkpoint.every=2", "checkpoint.keep=0", "eval.every=0", "log.images_every=0", "progress=false",
+            "algorithm.inner_epochs=2"]
+    full = train(tmp_path / "a", *args, "epochs=4")
+    train(tmp_path / "b", *args, "epochs=2")
+    resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")
+    assert_same_final_run(full, resumed)
