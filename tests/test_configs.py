@@ -12,10 +12,12 @@ import pytest
 from rlfuse.cli import check_overrides, config_groups, group_choices
 
 GROUPS = [g for g in config_groups() if g != "experiment"]
-# Algorithm, reward and model interact (d3po changes sampling keys; models differ in keys); every
-# other group's choices are composed once each with those defaults. (The full product is 288 runs.)
-CORE = ("algorithm", "reward", "model")
-COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in CORE]))
+# Algorithm, reward and model family interact (d3po changes sampling keys; families differ in keys):
+# every algorithm x reward x family (one model of each) composes and builds; every other choice,
+# each model included, is composed once with the defaults.
+FAMILY_MODELS = ["model=tiny", "model=tiny_sd3", "model=tiny_flux"]  # families sd, sd3, flux
+CORE = ("algorithm", "reward")
+COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in CORE], FAMILY_MODELS))
 COMBINATIONS += [(f"{g}={c}",) for g in GROUPS if g not in CORE for c in group_choices(g)]
 
 
@@ -28,6 +30,12 @@ def test_group_choices_compose_together_and_their_parts_build(overrides):
     assert callable(reward)
     if cfg.prompts.name != "file":  # the file source needs a user path (prompts.train=...)
         assert cfg.prompts.train
+
+
+def test_the_combinations_cover_every_model_family():
+    from rlfuse.families import FAMILIES
+
+    assert {check_overrides("train", [m]).model.family for m in FAMILY_MODELS} == set(FAMILIES)
 
 
 @pytest.mark.parametrize("experiment", group_choices("experiment"))
