@@ -108,6 +108,8 @@ def run_cli(*args: str) -> Result:
     (["reward=multi", "prompts=simple_animals"], "not in the Hugging Face cache"),
     (["reward=http", "prompts=simple_animals", "reward.fn.url=http://127.0.0.1:9"], "no reward server answers"),
     (["hardware=deepspeed_zero2"], "hardware.strategy=deepspeed needs CUDA GPUs"),
+    (["hardware=fsdp_flux_full", "model=tiny_flux", "model.finetune=full", "reward=jpeg", "prompts=simple_animals"],
+     "hardware.strategy=fsdp needs CUDA GPUs"),
     (["algorithm.min_step_std=-0.1"], "algorithm.min_step_std=-0.1: must be in [0, sample.eta=1.0)"),
     (["algorithm.min_step_std=0.9"], "algorithm.min_step_std=0.9: no sampler step has that much noise"),
     (["model.resolution=33"], "model.resolution=33: must be a positive multiple of 2 for model=toy"),
