@@ -96,7 +96,8 @@ def trainable_steps(sampler, num_steps: int, min_step_std: float) -> torch.Tenso
     step (the last DDIM steps: std 0.04 and 0.02 of 10 on the toy model, against 0.26-0.78) it is
     mostly sampler noise, 8x the others in size, and it dominates an update (docs/algorithms.md).
     """
-    return torch.nonzero(sampler.step_stds(num_steps) >= min_step_std).flatten()
+    stds = sampler.step_stds(num_steps)
+    return torch.nonzero((stds >= min_step_std) & (stds > 0)).flatten()  # a deterministic step has no gradient
 
 
 def check_hardware_config(hw: DictConfig, finetune: str) -> None:
@@ -132,6 +133,7 @@ class Checked:
 def check_numbers(cfg: DictConfig) -> None:
     """Counts, ranges and divisibility of the loop's settings."""
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
+    check(cfg.eval.get("eta") is None or cfg.eval.eta >= 0, f"eval.eta={cfg.eval.get('eta')}: must be >= 0")
     check(cfg.eval.get("num_steps") is None or cfg.eval.num_steps >= 1,
           f"eval.num_steps={cfg.eval.get('num_steps')}: must be >= 1, or null for sample.num_steps")
     for key in ("sample.num_steps", "sample.batches_per_epoch", "sample.images_per_prompt", "epochs",
@@ -140,9 +142,12 @@ def check_numbers(cfg: DictConfig) -> None:
         check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
     check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
     check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
-    check(0 <= algo.min_step_std < sample_cfg.eta,
+    ddim = family_of(cfg).name == "sd"  # a DDIM step's std is at most eta; a flow step's may exceed it
+    check(0 <= algo.min_step_std and (algo.min_step_std < sample_cfg.eta or not ddim),
           f"algorithm.min_step_std={algo.min_step_std}: must be in [0, sample.eta={sample_cfg.eta}) (a step's std is "
           f"at most eta)")
+    check(not (sample_cfg.get("sde_type") == "cps" and sample_cfg.eta > 1),
+          f"sample.eta={sample_cfg.eta}: the cps step's std is sigma' sin(eta pi / 2); use a noise level in (0, 1]")
     check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
           f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
           f"{sample_cfg.images_per_prompt}")
@@ -155,6 +160,12 @@ def check_numbers(cfg: DictConfig) -> None:
           f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
           f"minibatches per epoch ({minibatches})")
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
+
+
+def check_window_end(cfg: DictConfig) -> int:
+    """The last step + 1 a window may cover."""
+    end = cfg.sample.sde_window.range[1]
+    return cfg.sample.num_steps if end is None else int(end)
 
 
 def check_window(cfg: DictConfig) -> int:
@@ -226,7 +237,12 @@ def preflight(cfg: DictConfig) -> Checked:
                                         cfg.model.resolution)
     steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
     window = check_window(cfg)
-    if window:  # only the window's steps are stored: they are the trainable ones
+    if window:  # only the window's steps are stored: they are the trainable ones, if they have noise
+        first = int(cfg.sample.sde_window.range[0])
+        stds = sampler.step_stds(cfg.sample.num_steps)
+        check(bool((stds[first:check_window_end(cfg)] > 0).all()),
+              f"sample.sde_window.range={list(cfg.sample.sde_window.range)}: it reaches a deterministic step (std 0, e.g. "
+              f"the cps step to sigma' = 0); end the range before it")
         steps = torch.arange(window)
     check(len(steps) > 0,
           f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
@@ -240,7 +256,7 @@ def preflight(cfg: DictConfig) -> Checked:
         feedback.check_dataset(cfg.feedback.path, feedback.sampling_settings(
             cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant, cfg.model.tiny_seed,
             cfg.model.get("lora_weights"), cfg.model.resolution, cfg.sample.num_steps, cfg.sample.guidance_scale,
-            cfg.sample.eta))
+            cfg.sample.eta, family.name, cfg.sample.sde_type))
     reward = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}", train_prompts + eval_prompts,
                           cfg.prompts.name)
     return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
@@ -296,7 +312,10 @@ def startup_overrides(cfg: DictConfig) -> list[str]:
 
 
 def steps_per_trajectory(cfg: DictConfig, checked: Checked) -> int:
-    """Steps trained per trajectory: timestep_fraction of those with enough sampler noise."""
+    """Steps trained per trajectory: timestep_fraction of those with enough sampler noise; with a window
+    of stochastic steps, every window step (Flow-GRPO-Fast trains its whole window)."""
+    if check_window(cfg):
+        return len(checked.trainable_steps)
     return max(1, int(len(checked.trainable_steps) * cfg.algorithm.timestep_fraction))
 
 
@@ -384,6 +403,14 @@ def optimize_settings(cfg: DictConfig, checked: Checked):
 
     return OptimizeSettings(cfg.seed, cfg.algorithm.inner_epochs, cfg.hardware.train_batch_size,
                             steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm)
+
+
+def eval_sampler(cfg: DictConfig, family):
+    """The sampler of evaluation images, with its own scheduler (it may take another number of steps)."""
+    import copy
+
+    eta = cfg.eval.get("eta")
+    return copy.deepcopy(family.sampler(cfg.sample.eta if eta is None else eta, cfg.sample.sde_type))
 
 
 def eval_settings(cfg: DictConfig, checked: Checked):

@@ -164,7 +164,13 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
     seeds = [seed * 100_003 + i for i in range(len(prompts))]
     base, tuned = load_models(run_cfg, checkpoint)
     s = run_cfg.sample
-    args = (s.num_steps, s.guidance_scale, s.eta, run_cfg.model.resolution, s.get("sde_type"))
+    e = run_cfg.get("eval", {})  # the run's own evaluation settings, where it set them
+
+    def chosen(key: str, default):
+        return default if e.get(key) is None else e.get(key)
+
+    args = (chosen("num_steps", s.num_steps), chosen("guidance_scale", s.guidance_scale), chosen("eta", s.eta),
+            run_cfg.model.resolution, s.get("sde_type"))
     base_images, base_latents = sample_images(base, prompts, seeds, *args)
     tuned_images, tuned_latents = sample_images(tuned, prompts, seeds, *args)
 

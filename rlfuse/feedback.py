@@ -44,12 +44,16 @@ MATCHED = {
     ("sampler", "num_steps"): "sample.num_steps",
     ("sampler", "guidance_scale"): "sample.guidance_scale",
     ("sampler", "eta"): "sample.eta",
+    ("model", "family"): "model.family",
+    ("sampler", "sde_type"): "sample.sde_type",
 }
+# Datasets sampled before the manifest recorded these keys were all DDIM (Stable Diffusion) datasets.
+RECORDED_BEFORE = {("model", "family"): "sd", ("sampler", "sde_type"): None}
 
 
 def sampling_settings(name: str, pretrained: str | None, revision: str | None, variant: str | None, tiny_seed: int,
                       lora_weights: str | list[str] | None, resolution: int, num_steps: int, guidance_scale: float,
-                      eta: float) -> dict[str, dict]:
+                      eta: float, family: str = "sd", sde_type: str | None = None) -> dict[str, dict]:
     """The manifest's "model" and "sampler" sections: what made the chains. Local folders are made
     absolute (so a dataset names the model it came from wherever it is read); tiny_seed counts only
     for the tiny model (pretrained null)."""
@@ -62,9 +66,10 @@ def sampling_settings(name: str, pretrained: str | None, revision: str | None, v
     return {
         "model": {"name": name, "pretrained": absolute(pretrained) if local else pretrained, "revision": revision,
                   "variant": variant, "tiny_seed": int(tiny_seed) if pretrained is None else None,
-                  "lora_weights": [absolute(folder) for folder in lora_folders(lora_weights)]},
-        "sampler": {"scheduler": "DDIM", "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-                    "eta": float(eta), "resolution": int(resolution)},
+                  "lora_weights": [absolute(folder) for folder in lora_folders(lora_weights)], "family": family},
+        "sampler": {"scheduler": "DDIM" if family == "sd" else "flow", "sde_type": sde_type,
+                    "num_steps": int(num_steps), "guidance_scale": float(guidance_scale), "eta": float(eta),
+                    "resolution": int(resolution)},
     }
 
 
@@ -117,7 +122,9 @@ def check_dataset(path: str, settings: dict[str, dict]) -> int:
         raise UserError(f"{where}: {TRAJECTORIES} has sha256 {digest[:12]}..., the manifest lists {listed[:12]}...; "
                         f"the file changed since sampling: restore it or {RESAMPLE}")
     for (section, key), run_key in MATCHED.items():
-        recorded = manifest.get(section)
+        recorded = dict(manifest.get(section) or {}) if isinstance(manifest.get(section), dict) else None
+        if recorded is not None and (section, key) in RECORDED_BEFORE:
+            recorded.setdefault(key, RECORDED_BEFORE[(section, key)])
         if not isinstance(recorded, dict) or key not in recorded:
             raise UserError(f"{where}: the manifest does not record {section}.{key} (how the chains were sampled); "
                             f"{RESAMPLE}")

@@ -97,7 +97,7 @@ def sample(cfg: DictConfig) -> None:
         log_probs.append(sampled.log_probs.float().cpu())                       # (B, T)
     settings = sampling_settings(cfg.model.name, cfg.model.pretrained, cfg.model.revision, cfg.model.variant,
                                  cfg.model.tiny_seed, lora_weights, cfg.model.resolution, sample_cfg.num_steps,
-                                 sample_cfg.guidance_scale, sample_cfg.eta)
+                                 sample_cfg.guidance_scale, sample_cfg.eta, family.name, sample_cfg.get("sde_type"))
     extra = {**settings, "seed": cfg.seed, "prompts": {"source": cfg.prompts[cfg.split], "split": cfg.split}}
     write_dataset(out, extra, prompts, group_seeds, np.concatenate(images), torch.cat(chains), torch.cat(log_probs),
                   sampled.timesteps.cpu())

@@ -9,7 +9,6 @@ every stage below takes plain arguments.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -71,8 +70,8 @@ def train(cfg: DictConfig) -> float:
     source = config.make_source(cfg, checked, network, family, sampler, accelerator, show)
     latent_shape = family.latent_shape(cfg.model.resolution)
     eval_settings, optimize_settings = config.eval_settings(cfg, checked), config.optimize_settings(cfg, checked)
-    # Evaluation samples with its own copy of the scheduler: it may take another number of steps.
-    evaluation = (network, family, copy.deepcopy(sampler), reward, eval_settings, latent_shape, accelerator, run_dir)
+    evaluation = (network, family, config.eval_sampler(cfg, family), reward, eval_settings, latent_shape, accelerator,
+                  run_dir)
 
     # ---- Resume: optimizer, algorithm state, RNG; the epochs logged after the checkpoint run again.
     first_epoch = 1

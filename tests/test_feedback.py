@@ -75,9 +75,10 @@ def test_sample_writes_a_dataset_the_annotator_accepts_with_shared_noise_per_gro
     manifest = json.loads((tiny_dataset / "manifest.json").read_text())
     assert dataset.images_per_prompt == 4 and len(dataset.groups) == 3
     assert manifest["files"] == {TRAJECTORIES: sha256_file(tiny_dataset / TRAJECTORIES)}
-    assert manifest["sampler"] == {"scheduler": "DDIM", "num_steps": 4, "guidance_scale": 5.0, "eta": 1.0,
-                                   "resolution": 32}
+    assert manifest["sampler"] == {"scheduler": "DDIM", "sde_type": None, "num_steps": 4, "guidance_scale": 5.0,
+                                   "eta": 1.0, "resolution": 32}
     assert manifest["model"]["pretrained"] is None and manifest["model"]["lora_weights"] == [] and manifest["created"]
+    assert manifest["model"]["family"] == "sd"
     chains = load_trajectories(tiny_dataset / TRAJECTORIES)
     assert chains["latents"].shape == (12, 5, 4, 16, 16) and chains["log_probs"].shape == (12, 4)
     assert chains["timesteps"].shape == (4,)

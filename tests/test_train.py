@@ -430,7 +430,7 @@ def test_grpo_raises_the_jpeg_reward_on_tiny_sd3(tmp_path):
     0, 3-epoch means: +0.0086 in 16 epochs; a 3-epoch mean of 48 samples has a standard error near
     0.0015)."""
     run_dir = train(tmp_path, *TINY_SD3, "algorithm=grpo", "model.finetune=full", "algorithm.learning_rate=1e-3",
-                    "algorithm.timestep_fraction=0.5", "epochs=16", "seed=0", "eval.every=0", "progress=false",
+                    "algorithm.timestep_fraction=0.5", "algorithm.min_step_std=0", "epochs=16", "seed=0", "eval.every=0", "progress=false",
                     "log.images_every=0", "checkpoint.every=100")
     rewards = [row["reward_mean"] for row in metrics(run_dir)]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -448,3 +448,16 @@ def test_grpo_on_tiny_sd3_resumed_from_its_middle_ends_bit_identical(tmp_path):
     train(tmp_path / "b", *args, "epochs=2")
     resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")
     assert_same_final_run(full, resumed)
+
+
+def test_a_fast_window_on_tiny_sd3_trains_every_window_step_and_nothing_else(tmp_path):
+    """Flow-GRPO-Fast: a window of 2 stochastic steps of 6, the only steps stored and trained (each
+    chain trains both); at lr 0 the recomputed log-probs equal the sampled ones."""
+    run_dir = train(tmp_path, *TINY_SD3, "algorithm=grpo", "sample.num_steps=6", "sample.sde_window.size=2",
+                    "sample.sde_window.range=[0,4]", "hardware.sample_batch_size=4", "hardware.train_batch_size=4",
+                    "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0", "epochs=1", "eval.every=0",
+                    "log.images_every=0", "progress=false")
+    row = metrics(run_dir)[0]
+    assert row["clipfrac"] == 0 and row["approx_kl"] < 1e-10
+    # 8 chains x 2 window steps = 16 transitions per epoch
+    assert row["transitions_per_s"] * row["train_seconds"] == pytest.approx(16, rel=1e-6)

@@ -15,9 +15,10 @@ of the step to the reference policy (the same network with LoRA switched off):
 
 rlfuse's KL is the exact Gaussian KL of the two step distributions, which share their std:
 mean_CHW (mean_theta - mean_ref)^2 / (2 std^2), std the step's total std. Flow-GRPO divides by
-the SDE's std_t without the sqrt(-dt) of the step (flow_grpo scripts/train_sd3.py), so its KL is
-rlfuse's times |dt|: its beta 0.04 (GenEval) at a step of |dt| about 0.05-0.2 is rlfuse's beta
-0.002-0.008. Defaults follow flow_grpo config/base.py and config/grpo.py (clip 1e-4, advantage
+the SDE's std_t without the sqrt(-dt) of the step (flow_grpo scripts/train_sd3.py), so with the "sde"
+step its KL is rlfuse's times |dt| (with "cps" it divides by the step's whole std: the two are
+equal): its beta 0.04 (GenEval) at steps of |dt| 0.04-0.27 (10 steps, shift 3) is rlfuse's beta
+0.0016-0.011, 0.0044 at the mean |dt| of the trained steps. Defaults follow flow_grpo config/base.py and config/grpo.py (clip 1e-4, advantage
 clip 5).
 """
 

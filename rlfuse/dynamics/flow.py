@@ -43,7 +43,12 @@ def sigma_pairs(scheduler: FlowMatchEulerDiscreteScheduler, timestep: float | to
     timesteps = scheduler.timesteps.to(device=device, dtype=torch.float64)
     sigmas = scheduler.sigmas.to(device=device, dtype=torch.float64)
     timestep = torch.as_tensor(timestep, device=device, dtype=torch.float64)
-    index = (timestep.reshape(-1, 1) - timesteps.reshape(1, -1)).abs().argmin(dim=1).reshape(timestep.shape)
+    distance = (timestep.reshape(-1, 1) - timesteps.reshape(1, -1)).abs()
+    nearest, index = distance.min(dim=1)
+    if bool((nearest > 1e-3).any()):  # a timestep of another schedule: its sigmas would be wrong
+        raise ValueError(f"timestep {float(timestep.reshape(-1)[nearest.argmax()])} is not one of the scheduler's "
+                         f"timesteps; call set_timesteps with the chain's number of steps")
+    index = index.reshape(timestep.shape)
     return sigmas[index], sigmas[index + 1], sigmas[1]
 
 

@@ -18,12 +18,11 @@ from rlfuse.families.common import check_source, fuse_lora_folder, lora_folders,
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_flux, tiny_flux_scheduler
 from rlfuse.trajectories import Conditioning
 
-# The joint blocks' attention projections (image and text streams; Flow-GRPO's list, yifan123/flow_grpo
-# scripts/train_flux.py), whose to_q/to_k/to_v suffixes also match the single blocks' attention, plus
-# the single blocks' MLP in and out projections (they have no to_out: proj_out mixes attention and MLP).
-# "proj_out" also matches the transformer's final output projection.
+# The joint blocks' attention projections (image and text streams), whose to_q/to_k/to_v suffixes also
+# match the single blocks' attention, plus the single blocks' MLP input projection. (The single blocks'
+# proj_out is left out: the suffix would also catch the transformer's final output projection.)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                        "proj_mlp", "proj_out")
+                        "proj_mlp")
 # FluxPipeline.default_sample_size: the latent side it samples when no height is given (1024 px at VAE factor 8).
 DEFAULT_SAMPLE_SIZE = 128
 

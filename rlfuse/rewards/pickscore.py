@@ -6,8 +6,8 @@ model card of yuvalkirstain/PickScore_v1, which loads the model with transformer
 CLIPModel, and the processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K with AutoProcessor). CLIP caps
 logit_scale.exp() at 100 in training, so raw scores are tens; Flow-GRPO, which trains SD3.5-M on PickScore,
 divides them by 26 to bring them near [0, 1] (yifan123/flow_grpo, flow_grpo/pickscore_scorer.py, PickScoreScorer:
-`scores = logit_scale * (text_embs @ image_embs.T)`, `.diag()`, then `scores/26`; read in the copies
-ltt0716/flow_grpo_official and zqqqqz2000/flow_grpo). There the images go through the processor as PIL
+`scores = logit_scale * (text_embs @ image_embs.T)`, `.diag()`, then `scores/26`; as in the
+forks ltt0716/flow_grpo_official and zqqqqz2000/flow_grpo). There the images go through the processor as PIL
 images; here the processor's steps are redone on tensors so that gradients can flow (`preprocess`).
 """
 

@@ -96,7 +96,8 @@ class OnlineSource:
         self.pairs = settings.pairs
 
     def epoch(self, epoch: int) -> EpochBatch:
-        """Every step of every trajectory, with its log-prob at sampling time, and the rewards."""
+        """The epoch's chains (every step, or the window of stochastic steps) with their log-probs at
+        sampling time, and the rewards."""
         settings = self.settings
         self.network.eval()
         prompt_rng = np.random.default_rng(seed_for(settings.seed, epoch, 0))
@@ -119,4 +120,5 @@ class OnlineSource:
                                                 window))
             if sum(len(i) for i in images) < settings.grid_images:  # the first images of the epoch, for the log
                 images.append(sampled.images[:settings.grid_images].cpu())
-        return EpochBatch(Trajectories.cat(batches), torch.cat(images)[:settings.grid_images], details)
+        grid = torch.cat(images)[:settings.grid_images] if images else torch.zeros(0, 3, 1, 1)
+        return EpochBatch(Trajectories.cat(batches), grid, details)
