@@ -53,7 +53,7 @@ def check_source(pretrained: str | None, revision: str | None = None,
         try_to_load_from_cache(pretrained, "model_index.json", revision=revision), str
     ):
         raise UserError(f"model.pretrained={pretrained!r}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                        f"run `huggingface-cli download {pretrained}` on a connected machine, or set "
+                        f"run `hf download {pretrained}` on a connected machine, or set "
                         f"model.pretrained to a local pipeline folder")
 
 

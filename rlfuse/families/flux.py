@@ -144,7 +144,7 @@ class Flux:
                 pipeline = FluxPipeline.from_pretrained(pretrained, revision=revision, variant=variant)
             except (OSError, ValueError) as error:
                 raise UserError(f"model.pretrained={pretrained!r}: cannot load a FluxPipeline from it; download it "
-                                f"with `huggingface-cli download {pretrained}` or give a local pipeline folder "
+                                f"with `hf download {pretrained}` or give a local pipeline folder "
                                 f"[{type(error).__name__}]") from None
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, max_sequence_length, guidance, resolution)

@@ -91,7 +91,7 @@ class StableDiffusion:
                     else "it is not a local folder and not in the Hugging Face cache"
                 raise UserError(
                     f"model.pretrained={pretrained!r}: cannot load ({where}); download it with "
-                    f"`huggingface-cli download {pretrained}` or set model.pretrained to a local pipeline folder "
+                    f"`hf download {pretrained}` or set model.pretrained to a local pipeline folder "
                     f"[{type(error).__name__}]"
                 ) from None
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)

@@ -78,7 +78,7 @@ class StableDiffusion3:
                                                                     **without_t5)
             except (OSError, ValueError) as error:
                 raise UserError(f"model.pretrained={pretrained!r}: cannot load a StableDiffusion3Pipeline from it; "
-                                f"download it with `huggingface-cli download {pretrained}` or give a local pipeline "
+                                f"download it with `hf download {pretrained}` or give a local pipeline "
                                 f"folder [{type(error).__name__}]") from None
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, max_sequence_length)

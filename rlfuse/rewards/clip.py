@@ -45,7 +45,7 @@ def check_clip_weights(model_name: str, pretrained: str | None, key: str) -> Non
     repo = (config.get("hf_hub") or "").strip("/")
     if constants.HF_HUB_OFFLINE and not any(isinstance(try_to_load_from_cache(repo, f), str) for f in HUB_FILES):
         raise ValueError(f"{key}: CLIP weights {model_name}/{pretrained} are not in the Hugging Face cache and "
-                         f"HF_HUB_OFFLINE is set; run `huggingface-cli download {repo}` on a connected machine, or "
+                         f"HF_HUB_OFFLINE is set; run `hf download {repo}` on a connected machine, or "
                          f"set {key}.clip_pretrained to a local weights file")
 
 

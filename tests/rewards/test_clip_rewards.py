@@ -90,7 +90,7 @@ def test_diversity_reward_is_zero_for_identical_images_and_positive_for_differen
 
 def test_missing_clip_weights_offline_fail_with_what_to_download(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(ValueError, match="huggingface-cli download timm/vit_large_patch14_clip_224.openai"):
+    with pytest.raises(ValueError, match="hf download timm/vit_large_patch14_clip_224.openai"):
         check_clip_weights("ViT-L-14", "openai", "reward.fn")
     with pytest.raises(ValueError, match="no such file"):
         check_clip_weights("ViT-L-14", "/no/such/weights.bin", "reward.fn")
