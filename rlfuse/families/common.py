@@ -96,3 +96,19 @@ def save_pipeline_with(pipeline, part: str, network: torch.nn.Module, folder: Pa
             if dtype != torch.float32:
                 modules[name].to(dtype)
         setattr(pipeline, part, original)
+
+
+def decode_shifted(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents of a VAE with a scaling and a shift (SD3, FLUX) -> (B, 3, H, W) images in [0, 1]."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def export_transformer_lora(pipeline_class, network: torch.nn.Module, folder: Path) -> None:
+    """A transformer's LoRA in the diffusers format, its alpha in the adapter metadata (without it the
+    loader assumes alpha = rank): pipeline_class.load_lora_weights(folder) gives the trained model exactly."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_class.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(network), safe_serialization=True,
+        transformer_lora_adapter_metadata=network.peft_config["default"].to_dict())

@@ -14,7 +14,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
-from rlfuse.families.common import check_source, fuse_lora_folder, lora_folders, save_pipeline_with
+from rlfuse.families.common import (check_source, decode_shifted, export_transformer_lora, fuse_lora_folder,
+                                    lora_folders, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_flux, tiny_flux_scheduler
 from rlfuse.trajectories import Conditioning
 
@@ -223,9 +224,7 @@ class Flux:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1] (the VAE's scaling and shift undone)."""
-        vae = self.pipeline.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+        return decode_shifted(self.pipeline.vae, latents)
 
     # -- LoRA folders and export
 
@@ -233,13 +232,7 @@ class Flux:
         fuse_lora_folder(self.pipeline, folder)
 
     def export_lora(self, network: torch.nn.Module, folder: Path) -> None:
-        """The transformer's LoRA in the diffusers format, with its alpha in the adapter metadata:
-        FluxPipeline.load_lora_weights(folder) gives the trained model exactly."""
-        from peft.utils import get_peft_model_state_dict
-
-        FluxPipeline.save_lora_weights(
-            folder, transformer_lora_layers=get_peft_model_state_dict(network), safe_serialization=True,
-            transformer_lora_adapter_metadata=network.peft_config["default"].to_dict())
+        export_transformer_lora(FluxPipeline, network, folder)
 
     def export_pipeline(self, network: torch.nn.Module, folder: Path) -> None:
         save_pipeline_with(self.pipeline, "transformer", network, folder)
