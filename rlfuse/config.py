@@ -89,14 +89,14 @@ def check_resolution(cfg: DictConfig) -> None:
           f"(its VAE's factor); use {max(multiple, resolution // multiple * multiple)}")
 
 
-def trainable_steps(sampler, num_steps: int, min_step_std: float) -> torch.Tensor:
-    """(T',) indices of the sampler steps whose std is at least min_step_std: the steps trained on.
+def trainable_steps(stds: torch.Tensor, min_step_std: float) -> torch.Tensor:
+    """(T',) indices of the sampler steps whose std (stds: (T,)) is at least min_step_std and above 0:
+    the steps trained on.
 
     A step's log-prob gradient is (x_{t-1} - mean) / std^2 * d mean / d eps: for a nearly deterministic
     step (the last DDIM steps: std 0.04 and 0.02 of 10 on the toy model, against 0.26-0.78) it is
     mostly sampler noise, 8x the others in size, and it dominates an update (docs/algorithms.md).
     """
-    stds = sampler.step_stds(num_steps)
     return torch.nonzero((stds >= min_step_std) & (stds > 0)).flatten()  # a deterministic step has no gradient
 
 
@@ -162,26 +162,30 @@ def check_numbers(cfg: DictConfig) -> None:
     check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
 
 
-def check_window_end(cfg: DictConfig) -> int:
-    """The last step + 1 a window may cover."""
-    end = cfg.sample.sde_window.range[1]
-    return cfg.sample.num_steps if end is None else int(end)
+def window_settings(cfg: DictConfig) -> tuple[int, int, int, int]:
+    """(size, first step, last step + 1, shift_every) of sample.sde_window; size 0: no window. Configs
+    made before the window existed have none."""
+    window, steps = cfg.sample.get("sde_window"), cfg.sample.num_steps
+    if not window or not window.size:
+        return 0, 0, steps, 0
+    end = window.range[1]
+    return int(window.size), int(window.range[0]), steps if end is None else int(end), int(window.shift_every)
 
 
 def check_window(cfg: DictConfig) -> int:
     """sample.sde_window fits the chain; returns its size (0: every step stochastic)."""
-    window, steps = cfg.sample.get("sde_window"), cfg.sample.num_steps
-    if not window or not window.size:
+    size, first, end, shift_every = window_settings(cfg)
+    if not size:
         return 0
-    first, end = window.range[0], steps if window.range[1] is None else window.range[1]
-    check(1 <= window.size <= steps, f"sample.sde_window.size={window.size}: must be in [0, sample.num_steps={steps}]")
-    check(0 <= first and first + window.size <= end <= steps,
-          f"sample.sde_window.range=[{first}, {window.range[1]}]: must hold a window of {window.size} steps within "
+    steps = cfg.sample.num_steps
+    check(1 <= size <= steps, f"sample.sde_window.size={size}: must be in [0, sample.num_steps={steps}]")
+    check(0 <= first and first + size <= end <= steps,
+          f"sample.sde_window.range=[{first}, {cfg.sample.sde_window.range[1]}]: must hold a window of {size} steps within "
           f"the {steps} sampler steps (0 <= first, first + size <= last + 1 <= sample.num_steps)")
-    check(window.shift_every >= 0, f"sample.sde_window.shift_every={window.shift_every}: must be >= 0")
+    check(shift_every >= 0, f"sample.sde_window.shift_every={shift_every}: must be >= 0")
     check(OmegaConf.select(cfg, "feedback.name") != "human",
           "sample.sde_window: feedback=human replays stored chains; set sample.sde_window.size=0")
-    return window.size
+    return size
 
 
 def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
@@ -235,12 +239,12 @@ def preflight(cfg: DictConfig) -> Checked:
              if family.sde_types == (None,) else ""))
     sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type,
                                         cfg.model.resolution)
-    steps = trainable_steps(sampler, cfg.sample.num_steps, cfg.algorithm.min_step_std)
+    stds = sampler.step_stds(cfg.sample.num_steps)                       # (T,) the std of each sampler step
+    steps = trainable_steps(stds, cfg.algorithm.min_step_std)
     window = check_window(cfg)
     if window:  # only the window's steps are stored: they are the trainable ones, if they have noise
-        first = int(cfg.sample.sde_window.range[0])
-        stds = sampler.step_stds(cfg.sample.num_steps)
-        check(bool((stds[first:check_window_end(cfg)] > 0).all()),
+        _, first, end, _ = window_settings(cfg)
+        check(bool((stds[first:end] > 0).all()),
               f"sample.sde_window.range={list(cfg.sample.sde_window.range)}: it reaches a deterministic step (std 0, e.g. "
               f"the cps step to sigma' = 0); end the range before it")
         steps = torch.arange(window)
@@ -314,7 +318,7 @@ def startup_overrides(cfg: DictConfig) -> list[str]:
 def steps_per_trajectory(cfg: DictConfig, checked: Checked) -> int:
     """Steps trained per trajectory: timestep_fraction of those with enough sampler noise; with a window
     of stochastic steps, every window step (Flow-GRPO-Fast trains its whole window)."""
-    if check_window(cfg):
+    if window_settings(cfg)[0]:
         return len(checked.trainable_steps)
     return max(1, int(len(checked.trainable_steps) * cfg.algorithm.timestep_fraction))
 
@@ -383,12 +387,10 @@ def online_settings(cfg: DictConfig):
     from rlfuse.sources.online import OnlineSettings
 
     s = cfg.sample
-    window = s.get("sde_window", {})
-    first, end = window.get("range", [0, None]) if window else (0, None)
+    size, first, end, shift_every = window_settings(cfg)
     return OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
                           s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images,
-                          window.get("size", 0) if window else 0, (first, s.num_steps if end is None else end),
-                          window.get("shift_every", 0) if window else 0)
+                          size, (first, end), shift_every)
 
 
 def check_processes(cfg: DictConfig, world: int) -> None:

@@ -22,7 +22,7 @@ class ModelFamily(Protocol):
     """What the loop needs of a text-to-image model family.
 
     Class-level start-up checks (no weights read): check_source(pretrained, revision, lora_weights),
-    load_scheduler(pretrained, revision), sampler_for_checks(pretrained, revision, eta, sde_type, resolution)
+    sampler_for_checks(pretrained, revision, eta, sde_type, resolution)
     (the resolution matters where the schedule shifts with the image size: FLUX),
     resolution_multiple(pretrained, revision).
     """

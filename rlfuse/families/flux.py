@@ -240,6 +240,5 @@ class Flux:
 
 # The start-up checks, reachable from the family (config.py picks the family by model.family).
 Flux.check_source = staticmethod(check_source)
-Flux.load_scheduler = staticmethod(load_scheduler)
 Flux.resolution_multiple = staticmethod(resolution_multiple)
 Flux.sampler_for_checks = staticmethod(sampler_for_checks)

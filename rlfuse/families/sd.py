@@ -194,6 +194,5 @@ class StableDiffusion:
 
 # The start-up checks, reachable from the family (config.py picks the family by model.family).
 StableDiffusion.check_source = staticmethod(check_source)
-StableDiffusion.load_scheduler = staticmethod(load_scheduler)
 StableDiffusion.resolution_multiple = staticmethod(resolution_multiple)
 StableDiffusion.sampler_for_checks = staticmethod(sampler_for_checks)

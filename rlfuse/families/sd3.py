@@ -169,6 +169,5 @@ class StableDiffusion3:
 
 # The start-up checks, reachable from the family (config.py picks the family by model.family).
 StableDiffusion3.check_source = staticmethod(check_source)
-StableDiffusion3.load_scheduler = staticmethod(load_scheduler)
 StableDiffusion3.resolution_multiple = staticmethod(resolution_multiple)
 StableDiffusion3.sampler_for_checks = staticmethod(sampler_for_checks)
