@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)  ## the main job on the embedded default (model=toy, reward=shapes, DDPO), on the CPU
 	$(BIN)/python -m rlfuse.train run_root=outputs/demo
 	@echo "Done. In the newest folder under outputs/demo/: eval/before_after.png (held-out prompts, same seeds,"
-	@echo "before | after), metrics.jsonl (eval_reward_* per criterion), samples/, checkpoints/;"
+	@echo "each held-out caption beside its images before and after), metrics.jsonl (eval_reward_* per criterion), samples/, checkpoints/;"
 	@echo "curves: $(BIN)/tensorboard --logdir outputs/demo"
 
 TEST_WORKERS ?= 2
