@@ -130,8 +130,9 @@ class Checked:
     replay: bool                    # feedback=human: the replay source instead of online sampling
 
 
-def check_numbers(cfg: DictConfig) -> None:
-    """Counts, ranges and divisibility of the loop's settings."""
+def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
+    """Counts, ranges and divisibility of the loop's settings (likelihood_free: the algorithm samples
+    deterministically, so the sampler's noise does not matter)."""
     sample_cfg, algo, hw = cfg.sample, cfg.algorithm, cfg.hardware
     check(cfg.eval.get("eta") is None or cfg.eval.eta >= 0, f"eval.eta={cfg.eval.get('eta')}: must be >= 0")
     check(cfg.eval.get("num_steps") is None or cfg.eval.num_steps >= 1,
@@ -140,10 +141,11 @@ def check_numbers(cfg: DictConfig) -> None:
                 "hardware.sample_batch_size", "hardware.train_batch_size", "algorithm.inner_epochs",
                 "algorithm.gradient_accumulation_steps", "checkpoint.every", "max_nonfinite_in_row"):
         check(OmegaConf.select(cfg, key) >= 1, f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
-    check(sample_cfg.eta > 0, f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
+    check(sample_cfg.eta > 0 or likelihood_free,
+          f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
     check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
     ddim = family_of(cfg).name == "sd"  # a DDIM step's std is at most eta; a flow step's may exceed it
-    check(0 <= algo.min_step_std and (algo.min_step_std < sample_cfg.eta or not ddim),
+    check(0 <= algo.min_step_std and (algo.min_step_std < sample_cfg.eta or not ddim or likelihood_free),
           f"algorithm.min_step_std={algo.min_step_std}: must be in [0, sample.eta={sample_cfg.eta}) (a step's std is "
           f"at most eta)")
     check(not (sample_cfg.get("sde_type") == "cps" and sample_cfg.eta > 1),
@@ -206,6 +208,16 @@ def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
     check(cfg.sample.images_per_prompt >= algorithm.min_group_size,
           f"sample.images_per_prompt={cfg.sample.images_per_prompt}: algorithm={name} compares the images of a "
           f"prompt with each other; sample at least {algorithm.min_group_size} per prompt")
+    if algorithm.likelihood_free:
+        family = family_of(cfg).name
+        check(family in ("sd3", "flux"),
+              f"algorithm={name} trains flow models on the velocity target: model={cfg.model.name} is a {family} "
+              f"(DDIM) model; use a flow model (model=toy_flow, tiny_sd3, sd35m, flux_dev, ...)")
+        check(cfg.model.finetune == "lora",
+              f"algorithm={name} keeps its old policy as a second LoRA adapter: set model.finetune=lora")
+        check(window_settings(cfg)[0] == 0,
+              f"sample.sde_window: algorithm={name} samples with the deterministic ODE and stores no chain; set "
+              f"sample.sde_window.size=0")
     if algorithm.single_update:
         check(cfg.algorithm.inner_epochs == 1, f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: the "
                                                f"score-function estimator takes one step per sampling round; set "
@@ -217,7 +229,8 @@ def preflight(cfg: DictConfig) -> Checked:
     from rlfuse.prompts import load_prompts
 
     check_complete(cfg)
-    check_numbers(cfg)
+    algorithm = build(cfg.algorithm.objective, "algorithm.objective")
+    check_numbers(cfg, algorithm.likelihood_free)
     check_hardware_config(cfg.hardware, cfg.model.finetune)
     train_prompts, eval_prompts = load_prompts(cfg.prompts.train), load_prompts(cfg.prompts.eval)
     family = family_of(cfg)
@@ -240,9 +253,10 @@ def preflight(cfg: DictConfig) -> Checked:
     sampler = family.sampler_for_checks(cfg.model.pretrained, cfg.model.revision, cfg.sample.eta, sde_type,
                                         cfg.model.resolution)
     stds = sampler.step_stds(cfg.sample.num_steps)                       # (T,) the std of each sampler step
-    steps = trainable_steps(stds, cfg.algorithm.min_step_std)
+    steps = trainable_steps(stds, cfg.algorithm.min_step_std) if not algorithm.likelihood_free \
+        else torch.arange(cfg.sample.num_steps)             # clean samples: every noise level of the schedule
     window = check_window(cfg)
-    if window:  # only the window's steps are stored: they are the trainable ones, if they have noise
+    if window and not algorithm.likelihood_free:  # only the window's steps are stored: the trainable ones, if noisy
         _, first, end, _ = window_settings(cfg)
         check(bool((stds[first:end] > 0).all()),
               f"sample.sde_window.range={list(cfg.sample.sde_window.range)}: it reaches a deterministic step (std 0, e.g. "
@@ -252,7 +266,6 @@ def preflight(cfg: DictConfig) -> Checked:
           f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
           f"sample.num_steps={cfg.sample.num_steps}, eta={cfg.sample.eta}; lower it")
     replay = OmegaConf.select(cfg, "feedback.name") == "human"
-    algorithm = build(cfg.algorithm.objective, "algorithm.objective")
     check_capabilities(cfg, algorithm, replay)
     if replay:  # labelled pairs replace sampling (rlfuse/sources/replay.py)
         from rlfuse import feedback
@@ -378,19 +391,22 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
         return load_replay(cfg.feedback.path, family, device, cfg.seed, rank, world, cfg.log.grid_images)
     from rlfuse.sources.online import OnlineSource
 
+    algorithm = checked.algorithm
     return OnlineSource(network, family, sampler, checked.reward, checked.train_prompts,
-                        family.latent_shape(cfg.model.resolution), online_settings(cfg), rank, world, device,
-                        accelerator.autocast, progress)
+                        family.latent_shape(cfg.model.resolution), online_settings(cfg, algorithm.likelihood_free),
+                        rank, world, device, accelerator.autocast, progress,
+                        algorithm.sampling if algorithm.likelihood_free else None)
 
 
-def online_settings(cfg: DictConfig):
+def online_settings(cfg: DictConfig, clean: bool = False):
+    """The online source's settings; clean: deterministic sampling of clean samples (likelihood-free)."""
     from rlfuse.sources.online import OnlineSettings
 
     s = cfg.sample
     size, first, end, shift_every = window_settings(cfg)
     return OnlineSettings(cfg.seed, s.batches_per_epoch, cfg.hardware.sample_batch_size, s.images_per_prompt,
                           s.same_noise_per_prompt, s.num_steps, s.guidance_scale, cfg.log.grid_images,
-                          size, (first, end), shift_every)
+                          size, (first, end), shift_every, clean)
 
 
 def check_processes(cfg: DictConfig, world: int) -> None:

@@ -48,6 +48,19 @@ class Rollout(NamedTuple):
             advantages=torch.zeros_like(rewards), prompts=prompts, sample_ids=sample_ids,
         )
 
+    def clean_trajectories(self, prompts: list[str], sample_ids: torch.Tensor, rewards: torch.Tensor,
+                           reward_terms: torch.Tensor | None = None) -> Trajectories:
+        """Clean samples as training data for likelihood-free algorithms: x_T and x_0 only (one
+        "step" each), the chain's T timesteps as the noise levels to train at, no log-probabilities."""
+        count = len(prompts)
+        return Trajectories(
+            conditioning=self.conditioning.clone(), latents=self.chains[:, :1].clone(),
+            next_latents=self.chains[:, -1:].clone(), timesteps=self.timesteps.expand(count, -1).clone(),
+            log_probs=self.chains.new_zeros(count, len(self.timesteps)), rewards=rewards,
+            reward_terms=reward_terms if reward_terms is not None else rewards.new_zeros(count, 0),
+            advantages=torch.zeros_like(rewards), prompts=prompts, sample_ids=sample_ids,
+        )
+
 
 @torch.inference_mode()
 def sample_chain(network: torch.nn.Module, family: ModelFamily, sampler: Sampler, conditioning: Conditioning,

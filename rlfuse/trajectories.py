@@ -51,6 +51,9 @@ class Trajectories:
         prompts:       B strings
         sample_ids:    (B,) long, each sample's index in the epoch's batch over all processes;
                        the same sample gets the same id (and seeds) whatever the process count
+    A likelihood-free source (clean samples, rlfuse.rollout.Rollout.clean_trajectories) stores only
+    x_T in latents (B, 1, ...) and x_0 in next_latents (B, 1, ...), with the T timesteps of the
+    chain as the noise levels to train at and zero log_probs (B, T).
     """
 
     conditioning: Conditioning

@@ -134,6 +134,9 @@ def run_cli(*args: str) -> Result:
      "hardware.attention=eager: plain-matmul attention is for UNet models"),
     (["algorithm=d3po", "sample.same_noise_per_prompt=false"], "trains on pairs of images of one prompt"),
     (["algorithm.objective.estimator=score_function", "algorithm.inner_epochs=2"], "takes one step per sampling round"),
+    (["algorithm=nft"], "algorithm=nft trains flow models on the velocity target: model=toy is a sd (DDIM) model"),
+    (["algorithm=nft", "model=tiny_sd3", "model.finetune=full"], "second LoRA adapter: set model.finetune=lora"),
+    (["algorithm=nft", "model=tiny_sd3", "sample.sde_window.size=2"], "sample.sde_window: algorithm=nft samples with"),
 ])
 def test_bad_command_lines_fail_in_one_line_with_exit_code_2(args, expected, tmp_path):
     result = run_cli(*args, f"run_root={tmp_path}")

@@ -413,14 +413,16 @@ def test_grpo_on_tiny_sd3_with_the_policy_unchanged_gives_ratio_one_and_zero_kl(
 
 
 def test_every_algorithm_trains_an_epoch_on_tiny_sd3(tmp_path):
-    """DDPO, D3PO, DPOK (its KL on the flow step), RWR (the velocity target) and GRPO on the flow family."""
-    result = run_train(tmp_path, "-m", "algorithm=ddpo,d3po,dpok,rwr,grpo", *TINY_SD3, "epochs=1",
+    """DDPO, D3PO, DPOK (its KL on the flow step), RWR (the velocity target), GRPO and DiffusionNFT on
+    the flow family."""
+    result = run_train(tmp_path, "-m", "algorithm=ddpo,d3po,dpok,rwr,grpo,nft", *TINY_SD3, "epochs=1",
                        "hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.num_steps=4",
                        "sample.images_per_prompt=2", "sample.same_noise_per_prompt=true", "algorithm.min_step_std=0",
                        "eval.every=0", "log.images_every=0", "progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {p.parent.name: metrics(p.parent)[0] for p in tmp_path.glob("multirun/**/metrics.jsonl")}
-    assert sorted(rows) == [f"{i}_{a}_jpeg_tiny_sd3" for i, a in enumerate(["ddpo", "d3po", "dpok", "rwr", "grpo"])]
+    assert sorted(rows) == [f"{i}_{a}_jpeg_tiny_sd3" for i, a in enumerate(["ddpo", "d3po", "dpok", "rwr", "grpo",
+                                                                              "nft"])]
     assert all(math.isfinite(row["loss"]) for row in rows.values()), rows
 
 
@@ -444,6 +446,31 @@ def test_grpo_on_tiny_sd3_resumed_from_its_middle_ends_bit_identical(tmp_path):
             "hardware.sample_batch_size=4", "hardware.train_batch_size=4", "sample.num_steps=4",
             "checkpoint.every=2", "checkpoint.keep=0", "eval.every=0", "log.images_every=0", "progress=false",
             "algorithm.inner_epochs=2"]
+    full = train(tmp_path / "a", *args, "epochs=4")
+    train(tmp_path / "b", *args, "epochs=2")
+    resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")
+    assert_same_final_run(full, resumed)
+
+
+def test_nft_on_tiny_sd3_at_lr_0_keeps_the_policy_equal_to_the_old_one_and_trains_every_noise_level(tmp_path):
+    """At learning rate 0 the trained adapter stays the old one (deviation and KL exactly 0); each of
+    the 8 clean samples trains at each of the 6 noise levels of the schedule."""
+    run_dir = train(tmp_path, *TINY_SD3, "algorithm=nft", "sample.num_steps=6", "hardware.sample_batch_size=4",
+                    "hardware.train_batch_size=4", "algorithm.learning_rate=0", "algorithm.adam_weight_decay=0",
+                    "epochs=1", "eval.every=0", "log.images_every=0", "progress=false")
+    row = metrics(run_dir)[0]
+    assert row["old_deviation"] == 0 and row["kl"] == 0 and math.isfinite(row["loss"]), row
+    assert row["transitions_per_s"] * row["train_seconds"] == pytest.approx(48, rel=1e-6)
+    # 2 optimizer updates (2 minibatches, each accumulated over its 6 noise levels): decay 2 x 0.001
+    assert row["old_policy_decay"] == pytest.approx(0.002)
+
+
+@pytest.mark.slow
+def test_nft_on_tiny_sd3_resumed_from_its_middle_ends_bit_identical(tmp_path):
+    """Resume restores DiffusionNFT's old policy (the second adapter) and update count exactly."""
+    args = [*TINY_SD3, "algorithm=nft", "algorithm.learning_rate=1e-3", "hardware.sample_batch_size=4",
+            "hardware.train_batch_size=4", "sample.num_steps=4", "checkpoint.every=2", "checkpoint.keep=0",
+            "eval.every=0", "log.images_every=0", "progress=false"]
     full = train(tmp_path / "a", *args, "epochs=4")
     train(tmp_path / "b", *args, "epochs=2")
     resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")

@@ -22,14 +22,18 @@ class Algorithm(Protocol):
     pairs: trains on pairs, rows 2i and 2i+1 of one prompt from one initial noise (groups of 2),
         kept together in minibatches and trained on the same steps;
     single_update: exact only for the policy that sampled, so one optimizer step per sampling round;
-    min_group_size: the fewest images of one prompt per batch it can learn from (GRPO's groups).
-    Every algorithm here trains on stored sampler chains with their log-probs (Trajectories).
+    min_group_size: the fewest images of one prompt per batch it can learn from (GRPO's groups);
+    likelihood_free: trains on clean samples (x_0 and the schedule's noise levels), not on stored
+        sampler chains with their log-probs; such an algorithm (DiffusionNFT) samples with its own
+        old policy: it provides attach(network) (before any checkpoint is loaded), sampling() (the
+        context rollouts run in) and end_epoch(updates) -> diagnostics (after each optimize stage).
     """
 
     needs_reference: bool
     pairs: bool
     single_update: bool
     min_group_size: int
+    likelihood_free: bool
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor,
                    terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -74,6 +74,7 @@ class D3PO:
     pairs = True            # rows 2i, 2i+1 are trained together, on the same denoising steps
     single_update = False   # PPO-style clipped ratios: several optimizer steps per round are fine
     min_group_size = 2      # a pair: two images of one prompt
+    likelihood_free = False  # trains on the sampler's chains and log-probs
 
     def __init__(self, beta: float = 0.1, clip_range: float = 0.1):
         if beta <= 0 or not 0 < clip_range < 1:

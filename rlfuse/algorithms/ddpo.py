@@ -87,6 +87,7 @@ class DDPO:
     needs_reference = False  # DDPO compares the policy with the one that sampled, not the base model
     pairs = False            # trajectories are trained on one by one
     min_group_size = 1       # per-prompt statistics fall back on the batch's
+    likelihood_free = False  # trains on the sampler's chains and log-probs
 
     def __init__(
         self,

@@ -127,6 +127,7 @@ class DPOK:
     pairs = False
     single_update = False
     min_group_size = 1
+    likelihood_free = False  # trains on the sampler's chains and log-probs
 
     def __init__(self, reward_weight: float = 100.0, kl_weight: float = 0.01, clip_range: float = 1e-4,
                  baseline: str = "per_prompt", buffer_size: int = 16, min_count: int = 16,

@@ -92,6 +92,7 @@ class GRPO:
     pairs = False          # chains are trained one by one
     single_update = False  # clipped ratios: several optimizer steps per round are fine
     min_group_size = 2     # a group of one image has no relative advantage
+    likelihood_free = False  # trains on the sampler's chains and log-probs
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, beta: float = 0.04,
                  global_std: bool = True):

@@ -83,6 +83,7 @@ class RWR:
     pairs = False
     single_update = False
     min_group_size = 1
+    likelihood_free = False  # samples with the stochastic sampler, as the others (its loss reads only x_0)
 
     def __init__(self, temperature: float = 0.5, per_prompt: bool = False, weighting: str = "weighted",
                  quantile: float = 0.9, normalize: bool = True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ class OnlineSettings:
     window_size: int = 0
     window_range: tuple[int, int] = (0, 0)
     window_shift_every: int = 0
+    clean: bool = False
 
     @property
     def pairs(self) -> bool:
@@ -83,21 +84,28 @@ def sde_window(settings: OnlineSettings, epoch: int, batch: int) -> tuple[int, i
     return first + int(rng.integers(starts)), settings.window_size
 
 
+# A window of no stochastic steps: the whole chain is the deterministic ODE (clean sampling).
+NO_STOCHASTIC_STEPS = (0, 0)
+
+
 class OnlineSource:
     """Samples of the current policy, rewarded. network: the trained denoiser as sampling calls it
-    (unwrapped); autocast: the run's mixed-precision context."""
+    (unwrapped); autocast: the run's mixed-precision context; sampling: the context rollouts run in
+    (a likelihood-free algorithm's old policy), or None."""
 
     def __init__(self, network: torch.nn.Module, family: ModelFamily, sampler: Sampler, reward: Reward,
                  prompts: list[str], latent_shape: tuple[int, ...], settings: OnlineSettings, rank: int, world: int,
-                 device: torch.device, autocast: Callable[[], AbstractContextManager], progress: bool = False):
+                 device: torch.device, autocast: Callable[[], AbstractContextManager], progress: bool = False,
+                 sampling: Callable[[], AbstractContextManager] | None = None):
         self.network, self.family, self.sampler, self.reward = network, family, sampler, reward
         self.prompts, self.latent_shape, self.settings = prompts, latent_shape, settings
         self.rank, self.world, self.device, self.autocast, self.progress = rank, world, device, autocast, progress
+        self.sampling = sampling or nullcontext
         self.pairs = settings.pairs
 
     def epoch(self, epoch: int) -> EpochBatch:
         """The epoch's chains (every step, or the window of stochastic steps) with their log-probs at
-        sampling time, and the rewards."""
+        sampling time, or only their clean samples (settings.clean), and the rewards."""
         settings = self.settings
         self.network.eval()
         prompt_rng = np.random.default_rng(seed_for(settings.seed, epoch, 0))
@@ -106,18 +114,20 @@ class OnlineSource:
                       leave=False):
             prompts, ids, noise_seeds, step_seeds = batch_plan(settings, self.prompts, epoch, b, self.rank,
                                                                self.world, prompt_rng)
-            window = sde_window(settings, epoch, b)
-            sampled = rollout(self.network, self.family, self.sampler, prompts, noise_seeds, step_seeds,
-                              self.latent_shape, settings.num_steps, settings.guidance_scale, self.device,
-                              self.autocast, window)
+            window = NO_STOCHASTIC_STEPS if settings.clean else sde_window(settings, epoch, b)
+            with self.sampling():
+                sampled = rollout(self.network, self.family, self.sampler, prompts, noise_seeds, step_seeds,
+                                  self.latent_shape, settings.num_steps, settings.guidance_scale, self.device,
+                                  self.autocast, window)
             scored = score(self.reward, sampled.images, prompts)
             rewards = scored.scores.to(self.device).float()                                       # (B,)
             terms = torch.stack([v.float() for v in scored.terms.values()], dim=1).to(self.device) \
                 if scored.terms else None                                                          # (B, R)
             for name, values in scored.details.items():
                 details.setdefault(name, []).extend(float(v) for v in values[:len(prompts)])
-            batches.append(sampled.trajectories(prompts, torch.tensor(ids, device=self.device), rewards, terms,
-                                                window))
+            ids_tensor = torch.tensor(ids, device=self.device)
+            batches.append(sampled.clean_trajectories(prompts, ids_tensor, rewards, terms) if settings.clean
+                           else sampled.trajectories(prompts, ids_tensor, rewards, terms, window))
             if sum(len(i) for i in images) < settings.grid_images:  # the first images of the epoch, for the log
                 images.append(sampled.images[:settings.grid_images].cpu())
         grid = torch.cat(images)[:settings.grid_images] if images else torch.zeros(0, 3, 1, 1)
