@@ -4,6 +4,7 @@ pipeline, and a pipeline folder written with a fine-tuned network."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,3 +113,41 @@ def export_transformer_lora(pipeline_class, network: torch.nn.Module, folder: Pa
     pipeline_class.save_lora_weights(
         folder, transformer_lora_layers=get_peft_model_state_dict(network), safe_serialization=True,
         transformer_lora_adapter_metadata=network.peft_config["default"].to_dict())
+
+
+class PromptCache:
+    """The text conditioning of recently seen prompts, kept on the CPU; the least recently used is
+    dropped past `size` prompts (0: no cache, every batch encodes its distinct prompts).
+
+    Text encoders are frozen in training, so a prompt's conditioning never changes: with a cache,
+    each prompt of a run goes through the text encoders (T5-XXL is the largest part) once. A prompt
+    is encoded alone, so its conditioning does not depend on which prompts it came with (a resumed
+    run, whose cache starts empty, sees the same numbers).
+    """
+
+    def __init__(self, size: int):
+        from collections import OrderedDict
+
+        if size < 0:
+            raise UserError(f"model.prompt_cache={size}: use 0 (no cache) or a number of prompts")
+        self.size, self.rows = size, OrderedDict()
+
+    def encode(self, prompts: list[str], device: torch.device,
+               encode: Callable[[list[str], torch.device], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{name: (B, ...)} for the B prompts; encode(prompts, device) -> {name: (n, ...)} encodes new ones."""
+        if self.size == 0:
+            unique = sorted(set(prompts))
+            encoded = encode(unique, device)
+            rows = [unique.index(p) for p in prompts]
+            return {name: value[rows] for name, value in encoded.items()}
+        batch = {}
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self.rows:
+                self.rows.move_to_end(prompt)
+            else:
+                self.rows[prompt] = {name: value[0].cpu() for name, value in encode([prompt], device).items()}
+            batch[prompt] = self.rows[prompt]
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+        names = batch[prompts[0]].keys()
+        return {name: torch.stack([batch[p][name] for p in prompts]).to(device) for name in names}

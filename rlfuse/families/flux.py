@@ -14,8 +14,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
-from rlfuse.families.common import (check_source, decode_shifted, export_transformer_lora, fuse_lora_folder,
-                                    lora_folders, save_pipeline_with)
+from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
+                                    fuse_lora_folder, lora_folders, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_flux, tiny_flux_scheduler
 from rlfuse.trajectories import Conditioning
 
@@ -115,13 +115,14 @@ class Flux:
 
     name = "flux"
     default_lora_targets = DEFAULT_LORA_TARGETS
-    options = ("max_sequence_length", "guidance", "resolution")
+    options = ("max_sequence_length", "guidance", "resolution", "prompt_cache")
     sde_types = (None, "sde", "cps")  # None: "sde"
 
     def __init__(self, pipeline: FluxPipeline, max_sequence_length: int = 512, guidance: float | None = 3.5,
-                 resolution: int | None = None):
+                 resolution: int | None = None, prompt_cache: int = 0):
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        self.cache = PromptCache(prompt_cache)
         self.guidance_embeds = bool(pipeline.transformer.config.guidance_embeds)
         if self.guidance_embeds and guidance is None:
             raise UserError("model.guidance=null: this FLUX transformer is guidance-distilled (guidance_embeds); "
@@ -134,9 +135,10 @@ class Flux:
     @classmethod
     def load(cls, pretrained: str | None, revision: str | None = None, variant: str | None = None,
              tiny_seed: int = 0, lora_weights: str | list[str] | None = None, max_sequence_length: int = 512,
-             guidance: float | None = 3.5, resolution: int | None = None) -> Flux:
+             guidance: float | None = 3.5, resolution: int | None = None, prompt_cache: int = 0) -> Flux:
         """The pipeline from a hub id or folder (with its T5: FLUX reads the prompt through it), or the
-        tiny one when pretrained is None; LoRA folders of lora_weights fused in order."""
+        tiny one when pretrained is None; LoRA folders of lora_weights fused in order; prompt_cache:
+        how many prompts' conditioning to keep (PromptCache)."""
         if pretrained is None:
             pipeline = build_tiny_flux(seed=tiny_seed)
         else:
@@ -148,7 +150,7 @@ class Flux:
                                 f"with `hf download {pretrained}` or give a local pipeline folder "
                                 f"[{type(error).__name__}]") from None
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline, max_sequence_length, guidance, resolution)
+        family = cls(pipeline, max_sequence_length, guidance, resolution, prompt_cache)
         for folder in lora_folders(lora_weights):
             family.fuse_lora(Path(folder).expanduser())
         return family
@@ -187,12 +189,16 @@ class Flux:
                                            max_sequence_length=self.max_sequence_length)
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        """The conditioning of B prompts; each distinct prompt is encoded once (T5-XXL is the largest part)."""
-        unique = sorted(set(prompts))
-        embeds, pooled, text_ids = self._encode(unique, device)
-        rows = [unique.index(p) for p in prompts]
-        return Conditioning({"prompt_embeds": embeds[rows], "pooled_embeds": pooled[rows],
-                             "text_ids": text_ids.expand(len(prompts), -1, -1)})
+        """The conditioning of B prompts; each distinct prompt is encoded once (T5-XXL is the largest
+        part), and once per run with the prompt cache."""
+        encoded = self.cache.encode(prompts, device, lambda texts, where: dict(
+            zip(("prompt_embeds", "pooled_embeds", "text_ids"), self._text_rows(texts, where))))
+        return Conditioning(encoded)
+
+    def _text_rows(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(embeds, pooled, text_ids) with a row per prompt (text_ids is shared: repeated)."""
+        embeds, pooled, text_ids = self._encode(prompts, device)
+        return embeds, pooled, text_ids.expand(len(prompts), -1, -1)
 
     def _guidance(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """(B,) the distilled guidance value, or None without a guidance embedding (as FluxPipeline.__call__)."""

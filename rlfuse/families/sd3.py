@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
-from rlfuse.families.common import (check_source, decode_shifted, export_transformer_lora, fuse_lora_folder,
-                                    lora_folders, save_pipeline_with)
+from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
+                                    fuse_lora_folder, lora_folders, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_sd3
 from rlfuse.trajectories import Conditioning
 
@@ -55,20 +55,22 @@ class StableDiffusion3:
 
     name = "sd3"
     default_lora_targets = DEFAULT_LORA_TARGETS
-    options = ("text_encoder_3", "max_sequence_length")
+    options = ("text_encoder_3", "max_sequence_length", "prompt_cache")
     sde_types = (None, "sde", "cps")  # None: "sde"
 
-    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int = 256):
+    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int = 256, prompt_cache: int = 0):
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        self.cache = PromptCache(prompt_cache)
         self._negative: Conditioning | None = None
 
     @classmethod
     def load(cls, pretrained: str | None, revision: str | None = None, variant: str | None = None,
              tiny_seed: int = 0, lora_weights: str | list[str] | None = None, text_encoder_3: bool = True,
-             max_sequence_length: int = 256) -> StableDiffusion3:
+             max_sequence_length: int = 256, prompt_cache: int = 0) -> StableDiffusion3:
         """The pipeline from a hub id or folder (without T5 when text_encoder_3 is false: about 10 GB
-        less), or the tiny one when pretrained is None; LoRA folders of lora_weights fused in order."""
+        less), or the tiny one when pretrained is None; LoRA folders of lora_weights fused in order;
+        prompt_cache: how many prompts' conditioning to keep (PromptCache)."""
         if pretrained is None:
             pipeline = build_tiny_sd3(seed=tiny_seed)
         else:
@@ -82,7 +84,7 @@ class StableDiffusion3:
                                 f"download it with `hf download {pretrained}` or give a local pipeline "
                                 f"folder [{type(error).__name__}]") from None
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline, max_sequence_length)
+        family = cls(pipeline, max_sequence_length, prompt_cache)
         for folder in lora_folders(lora_weights):
             family.fuse_lora(Path(folder).expanduser())
         return family
@@ -119,16 +121,17 @@ class StableDiffusion3:
         return embeds, pooled
 
     def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        """The conditioning of B prompts; each distinct prompt is encoded once (T5-XXL is the largest part)."""
-        unique = sorted(set(prompts))
-        embeds, pooled = self._encode(unique, device)
-        rows = [unique.index(p) for p in prompts]
+        """The conditioning of B prompts; each distinct prompt is encoded once (T5-XXL is the largest
+        part), and once per run with the prompt cache."""
+        encoded = self.cache.encode(prompts, device, lambda texts, where: dict(
+            zip(("prompt_embeds", "pooled_embeds"), self._encode(texts, where))))
+        embeds, pooled = encoded["prompt_embeds"], encoded["pooled_embeds"]
         if self._negative is None or self._negative["prompt_embeds"].device != embeds.device:
             negative, negative_pooled = self._encode([""], device)
             self._negative = Conditioning({"prompt_embeds": negative, "pooled_embeds": negative_pooled})
         count = len(prompts)
         return Conditioning({
-            "prompt_embeds": embeds[rows], "pooled_embeds": pooled[rows],
+            "prompt_embeds": embeds, "pooled_embeds": pooled,
             "negative_embeds": self._negative["prompt_embeds"].expand(count, -1, -1),
             "negative_pooled_embeds": self._negative["pooled_embeds"].expand(count, -1),
         })
