@@ -30,14 +30,26 @@ def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
+def lora_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The network's peft LoRA layers (BaseTunerLayer modules)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in network.modules() if isinstance(module, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
 def adapters_disabled(network: torch.nn.Module) -> Iterator[None]:
-    """The reference policy with LoRA: the same network with its adapters switched off."""
-    network.disable_adapters()
+    """The reference policy with LoRA: the same network with its adapters switched off. The layers are
+    switched themselves (peft's BaseTunerLayer.enable_adapters), as diffusers' disable_adapters does
+    after version checks that cost more than a small network's forward pass."""
+    layers = lora_layers(network)
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        network.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 class ReferencePolicy:

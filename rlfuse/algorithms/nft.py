@@ -59,6 +59,7 @@ import torch
 
 from rlfuse.algorithms.grpo import group_advantages
 from rlfuse.errors import UserError
+from rlfuse.lora import lora_layers
 from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
@@ -101,13 +102,17 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
 
 
 @contextlib.contextmanager
-def active_adapter(network: torch.nn.Module, name: str) -> Iterator[None]:
-    """The network computes with LoRA adapter `name` inside, with the trained one again after."""
-    network.set_adapter(name)
+def active_adapter(layers: list[torch.nn.Module], name: str) -> Iterator[None]:
+    """The LoRA layers compute with adapter `name` inside (only its weights require gradients), with the
+    trained one again after. Switching the layers themselves (peft's BaseTunerLayer.set_adapter), not
+    the whole network, keeps a switch cheap: it happens twice per training micro-step."""
+    for layer in layers:
+        layer.set_adapter(name)
     try:
         yield
     finally:
-        network.set_adapter(TRAINED_ADAPTER)
+        for layer in layers:
+            layer.set_adapter(TRAINED_ADAPTER)
 
 
 class NFT:
@@ -155,6 +160,7 @@ class NFT:
             network.add_adapter(config, adapter_name=OLD_ADAPTER)
         network.set_adapter(TRAINED_ADAPTER)
         self.network = network
+        self.layers = lora_layers(network)
         self.update_old_policy(0.0)
 
     def _adapter_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,7 +180,7 @@ class NFT:
 
     def sampling(self) -> contextlib.AbstractContextManager:
         """The context in which rollouts sample: the old policy (its adapter active)."""
-        return active_adapter(self.network, OLD_ADAPTER)
+        return active_adapter(self.layers, OLD_ADAPTER)
 
     def end_epoch(self, updates: int) -> dict[str, float]:
         """After the epoch's `updates` optimizer updates: move the old policy towards the trained one."""
@@ -201,7 +207,7 @@ class NFT:
         timesteps = batch.timesteps[rows, step_index]                        # (b,) on the 0-1000 scale
         noise = torch.randn(x0.shape, dtype=x0.dtype).to(x0.device)
         x_t, _ = policy.sampler.forward_noising(x0, noise, timesteps)
-        with torch.no_grad(), active_adapter(self.network, OLD_ADAPTER):
+        with torch.no_grad(), active_adapter(self.layers, OLD_ADAPTER):
             v_old = policy.family.predict(self.network, x_t, timesteps, batch.conditioning, 1.0)
         v_theta = policy.family.predict(policy.network, x_t, timesteps, batch.conditioning, 1.0)
         r = optimality_probability(batch.advantages, self.adv_clip_max)

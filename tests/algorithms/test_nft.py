@@ -123,6 +123,20 @@ def test_the_old_policy_is_a_second_adapter_that_follows_by_a_moving_average():
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(other._adapter_pairs(), pairs))
 
 
+def test_the_exported_lora_is_the_trained_adapter_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    pipeline = lora_sd3()
+    family = StableDiffusion3(pipeline, max_sequence_length=16)
+    family.export_lora(pipeline.transformer, tmp_path / "before")
+    algorithm = NFT()
+    algorithm.attach(pipeline.transformer)
+    family.export_lora(pipeline.transformer, tmp_path / "after")
+    before, after = (load_file(tmp_path / f / "pytorch_lora_weights.safetensors") for f in ("before", "after"))
+    assert before.keys() == after.keys() and not any(".old." in key for key in after)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
 def test_attach_refuses_a_network_without_lora():
     with pytest.raises(UserError, match="model.finetune=lora"):
         NFT().attach(build_tiny_sd3(seed=0).transformer)
