@@ -138,7 +138,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         the few bytes at once, so this never blocks."""
         body = json.dumps({"error": f"the server is busy ({self.max_connections} connections open); "
                                     f"retry in a moment"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+        head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 f"\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
         try:
             request.settimeout(0.5)
