@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,16 +89,17 @@ class ReadDeadlines:
     def _watch(self, tick: float) -> None:
         while not self._stopped.wait(tick):
             now = time.monotonic()
+            # Under the lock: a handler closes its socket only after stop(), so no descriptor here can
+            # have been closed and reused by another connection.
             with self._lock:
                 late = [connection for connection, due in self._due.items() if due <= now]
                 for connection in late:
                     del self._due[connection]
                     self._expired.add(connection)
-            for connection in late:
-                try:
-                    connection.shutdown(socket.SHUT_RD)
-                except OSError:  # already closed by its handler
-                    pass
+                    try:
+                        connection.shutdown(socket.SHUT_RD)
+                    except OSError:  # the client is gone already
+                        pass
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -146,6 +148,14 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
+
+    def handle_error(self, request: socket.socket, client_address) -> None:
+        """A connection that failed outside the handlers' own answers: a client that vanished is
+        routine (debug); anything else is logged with its traceback."""
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
+        else:
+            log.exception("connection from %s failed", client_address)
 
     def server_close(self) -> None:
         super().server_close()

@@ -300,6 +300,22 @@ def test_with_a_token_every_request_carries_it_compared_in_constant_time(jpeg_se
         HttpReward(url, token="two words")
 
 
+def test_reward_http_sends_reward_fn_token_and_a_missing_one_stops_the_start_up(jpeg_server, monkeypatch):
+    from rlfuse.cli import check_overrides
+    from rlfuse.config import build_reward
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    url = jpeg_server(token="s3cret-token")
+    cfg = check_overrides("train", ["reward=http", f"reward.fn.url={url}", "reward.fn.token=s3cret-token"])
+    reward = build_reward(cfg.reward.fn, "reward.fn", "reward=http")  # checks /health with the token
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(reward(images, ["a", "b"]).scores, JpegReward()(images, ["a", "b"]).scores)
+    cfg = check_overrides("train", ["reward=http", f"reward.fn.url={url}"])
+    assert cfg.reward.fn.token is None
+    with pytest.raises(UserError, match=f"reward=http: .* wants a token .* set {TOKEN_ENV}"):
+        build_reward(cfg.reward.fn, "reward.fn", "reward=http")
+
+
 def server_args(**changes) -> argparse.Namespace:
     defaults = {"host": "127.0.0.1", "token": None, "no_auth": False, "max_pixels": 100, "max_request_pixels": 100,
                 "max_body_mb": 1.0, "max_connections": 1, "read_timeout": 1.0}
