@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "rlfuse"
 # Layer of each module (longest prefix wins); a module may import from its own layer or lower ones.
 LAYERS = {
-    "rlfuse.errors": 0, "rlfuse.seeding": 0, "rlfuse.images": 0, "rlfuse.trajectories": 0,
+    "rlfuse.errors": 0, "rlfuse.seeding": 0, "rlfuse.images": 0, "rlfuse.trajectories": 0, "rlfuse.bounded_http": 0,
     "rlfuse.toy.world": 0, "rlfuse.toy.detect": 0, "rlfuse.toy": 0, "rlfuse": 0,
     "rlfuse.annotate": 0.5,  # apart: the labelling app, on the base only; training reads its files
     "rlfuse.families": 1, "rlfuse.dynamics": 1, "rlfuse.policy": 1, "rlfuse.rollout": 1, "rlfuse.lora": 1,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlfuse.annotate import exchange
 from rlfuse.annotate.dataset import load_dataset
-from rlfuse.annotate.store import SERVED_TASKS, open_store
+from rlfuse.annotate.store import SERVED_TASKS, check_annotator, open_store
 from rlfuse.errors import UserError, fail
 
 PROG = "python -m rlfuse.annotate"
@@ -66,6 +66,11 @@ def export_main(argv: list[str]) -> None:
     dataset = load_dataset(args.dataset, check_images=False)
     store = open_store(dataset, create=False)
     annotators = sorted({stored.label.annotator for stored in store.labels()})
+    if args.annotator is not None:
+        try:
+            args.annotator = check_annotator(args.annotator)  # stored names are NFC: compare like with like
+        except ValueError as error:
+            raise UserError(f"--annotator: {error}") from None
     if args.annotator is not None and args.annotator not in annotators:
         raise UserError(f"--annotator {args.annotator}: no labels from them; "
                         f"annotators: {', '.join(annotators) or 'none yet'}")

@@ -16,25 +16,26 @@ Label bodies name images by id (k is the image's position in its group):
     {"annotator": "ann", "task": "best", "group": 3, "skip": true}          (pair: add "pair": [id, id])
 
 A label is answered 201 only after it is committed to labels.sqlite. Every refusal is a 4xx with a
-one-line {"error": "..."} and stores nothing: 400 malformed, 403 another Host name while listening
-on a loopback address (DNS rebinding), 404 unknown path, 409 a different answer
-to an item already labelled (undo first), 411 no Content-Length, 413 body too large, 415 a body
-that is not Content-Type: application/json.
+one-line {"error": "..."} and stores nothing: 400 malformed (JSON nested too deep included, or a
+body shorter than its Content-Length), 403 another Host name while listening on a loopback address
+(DNS rebinding), 404 unknown path, 408 a request that did not arrive within request_timeout, 409 a
+different answer to an item already labelled (undo first), 411 no Content-Length, 413 body too
+large (refused from its Content-Length, unread), 415 a body that is not Content-Type:
+application/json. Connections are capped (503 beyond; rlfuse/bounded_http.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import sqlite3
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from urllib.parse import parse_qs, urlsplit
 
 from rlfuse.annotate.dataset import Dataset
 from rlfuse.annotate.store import Conflict, Label, LabelStore, StoredLabel, check_annotator, pair_item, task_items
+from rlfuse.bounded_http import BadRequest, BoundedHTTPServer, JsonRequestHandler
 
 log = logging.getLogger("rlfuse.annotate")
 MAX_BODY = 64 * 2**10  # a label is well under 1 kB; a goodbad label with K = 64 is about 2 kB
@@ -42,16 +43,7 @@ _STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
            "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
            "/static/style.css": ("style.css", "text/css; charset=utf-8")}
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 _TASK_KEYS = {"best": {"best"}, "pair": {"winner", "loser"}, "goodbad": {"good", "bad"}}
-
-
-class BadRequest(Exception):
-    """A request refused with a 4xx (400 unless told) and a one-line message."""
-
-    def __init__(self, message: str, code: int = 400):
-        super().__init__(message)
-        self.code = code
 
 
 class AnnotationApp:
@@ -195,29 +187,21 @@ def parse_annotator(name: object) -> str:
         raise BadRequest(str(error)) from None
 
 
-def make_handler(app: AnnotationApp, max_body: int, loopback_only: bool) -> type[BaseHTTPRequestHandler]:
+def make_handler(app: AnnotationApp, max_body: int) -> type[JsonRequestHandler]:
     static = {path: ((files("rlfuse.annotate") / "static" / name).read_bytes(), kind)
               for path, (name, kind) in _STATIC.items()}
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 60  # seconds a silent client may hold a thread
-
+    class Handler(JsonRequestHandler):
         def _send(self, code: int, body: bytes, kind: str, cache: str = "no-store") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", cache)
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self'")
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(code, body, kind, {"Cache-Control": cache, "X-Content-Type-Options": "nosniff",
+                                              "Content-Security-Policy": "default-src 'self'; img-src 'self'"})
 
         def _json(self, code: int, payload: dict) -> None:
             self._send(code, json.dumps(payload).encode(), "application/json")
 
         def _guarded(self, route) -> None:
             try:
-                self._check_host()
+                self.check_host()
                 route()
             except BadRequest as error:
                 self._json(error.code, {"error": str(error)})
@@ -226,22 +210,7 @@ def make_handler(app: AnnotationApp, max_body: int, loopback_only: bool) -> type
                 self._json(503, {"error": f"the label store failed ({error}); nothing was stored, try again"})
             except Exception as error:  # noqa: BLE001 (answer, do not leave the client hanging)
                 log.exception("request failed")
-                self._json(500, {"error": f"internal error: {type(error).__name__}: {error}"})
-
-        def _check_host(self) -> None:
-            """On a loopback address, answer only requests addressed to it: a web page whose own
-            name was re-pointed at 127.0.0.1 (DNS rebinding) must not read or write labels."""
-            host = self.headers.get("Host")
-            if not loopback_only or host is None:
-                return
-            try:
-                name = urlsplit(f"//{host}").hostname
-            except ValueError:  # e.g. an unclosed [ipv6
-                name = None
-            if name not in _LOOPBACK_NAMES:
-                self.close_connection = True
-                port = self.server.server_address[1]
-                raise BadRequest(f"Host {host!r} is not this server; open http://127.0.0.1:{port}/", 403)
+                self._json(500, {"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             self._guarded(self._get)
@@ -250,6 +219,7 @@ def make_handler(app: AnnotationApp, max_body: int, loopback_only: bool) -> type
             self._guarded(self._post)
 
         def _refuse_method(self) -> None:
+            self.refuse_body()
             self._json(405, {"error": f"method {self.command} not allowed; use GET or POST"})
 
         do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
@@ -283,74 +253,36 @@ def make_handler(app: AnnotationApp, max_body: int, loopback_only: bool) -> type
             url = urlsplit(self.path)
             routes = {"/api/labels": app.add, "/api/undo": lambda payload: (200, app.undo(payload))}
             if url.path not in routes:
-                self._drain(self._content_length(required=False))
+                self.refuse_body()
                 raise BadRequest(f"no such path {url.path!r}; POST /api/labels or /api/undo", 404)
-            length = self._content_length(required=True)
-            if length > max_body:
-                self._drain(length)
-                self.close_connection = True
-                raise BadRequest(f"body of {length} bytes is over the limit of {max_body}", 413)
-            if self.headers.get_content_type() != "application/json":
-                # Another site's page can post text/plain here without asking; application/json
-                # needs a CORS preflight, which this server refuses.
-                self._drain(length)
-                raise BadRequest("send the body as Content-Type: application/json", 415)
+            length = self.content_length()
+            self.check_json_body()
+            body = self.read_body(length)
             try:
-                payload = json.loads(self.rfile.read(length))
+                payload = json.loads(body)
+            except RecursionError:
+                raise BadRequest("the JSON is nested too deep; a label is a flat JSON object") from None
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("the body is not JSON") from None
             code, answer = routes[url.path](payload)
             self._json(code, answer)
 
-        def _content_length(self, required: bool) -> int:
-            if self.headers.get("Transfer-Encoding"):
-                self.close_connection = True
-                raise BadRequest("chunked bodies are not supported; send a Content-Length", 411)
-            text = self.headers.get("Content-Length")
-            if text is None and not required:
-                return 0
-            try:
-                length = int(text or "")
-            except ValueError:
-                length = -1
-            if length < 0:
-                self.close_connection = True
-                raise BadRequest("a Content-Length header (a byte count) is required", 411)
-            return length
-
-        def _drain(self, length: int) -> None:
-            """Read and drop a body we refuse, so that the client, still sending, reads our answer
-            instead of a broken pipe."""
-            while length > 0:
-                chunk = self.rfile.read(min(2**16, length))
-                if not chunk:
-                    break
-                length -= len(chunk)
-
-        def log_message(self, format: str, *args) -> None:  # noqa: A002
-            log.debug(format, *args)
-
+    Handler.max_body = max_body
     return Handler
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # many annotators' browsers, or a test's 20 clients, connect at once
+class Server(BoundedHTTPServer):
+    """Many annotators' browsers (a few connections each) or a test's 20 clients at once."""
 
 
 def serve(dataset: Dataset, store: LabelStore, task: str, host: str = "127.0.0.1", port: int = 8000,
-          max_body: int = MAX_BODY) -> Server:
+          max_body: int = MAX_BODY, max_connections: int = 64, idle_timeout: float = 30.0,
+          request_timeout: float = 10.0) -> Server:
     """Start serving in a background thread; returns the server (server.server_address holds the
-    port actually bound, useful with port 0; call shutdown() to stop)."""
-    loopback_only = host == "localhost" or _is_loopback(host)
-    server = Server((host, port), make_handler(AnnotationApp(dataset, store, task), max_body, loopback_only))
+    port actually bound, useful with port 0; call shutdown() to stop). At most max_connections are
+    served at once (one more is answered 503); a request must arrive within request_timeout seconds."""
+    handler = make_handler(AnnotationApp(dataset, store, task), max_body)
+    server = Server((host, port), handler, max_connections, idle_timeout, request_timeout)
     # A short poll interval makes shutdown() prompt; the idle cost is negligible.
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import unicodedata
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ TASKS = SERVED_TASKS + ("score",)
 FILENAME = "labels.sqlite"
 SCHEMA_VERSION = "1"
 MAX_NAME = 64
+# Characters that show nothing yet are letters or marks to Unicode (isprintable() lets them through):
+# Hangul fillers, the braille blank, the combining grapheme joiner, variation selectors.
+_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800", "\u034f", *map(chr, range(0xFE00, 0xFE10)),
+              *map(chr, range(0xE0100, 0xE01F0))}
+_BIDI_CONTROLS = {"LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI", "FSI", "PDI"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,10 +82,17 @@ class StoredLabel:
 
 
 def check_annotator(name: object) -> str:
-    """An annotator's name, stripped; ValueError unless 1..64 printable characters."""
+    """An annotator's name in Unicode NFC, stripped: "José" typed precomposed or as e + combining
+    accent is one annotator, whose votes count once. ValueError unless 1..64 printable characters,
+    none of them invisible or a bidirectional control (a name that looks like another's)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError("\"annotator\" must be a non-empty name")
-    name = name.strip()
+    name = unicodedata.normalize("NFC", name.strip())
+    hidden = next((c for c in name if c in _INVISIBLE or unicodedata.category(c) == "Cf"
+                   or unicodedata.bidirectional(c) in _BIDI_CONTROLS), None)
+    if hidden is not None:
+        raise ValueError(f"\"annotator\" contains the invisible or text-direction character U+{ord(hidden):04X}; "
+                         f"type the name with visible characters only")
     if len(name) > MAX_NAME or not name.isprintable():
         raise ValueError(f"\"annotator\" must be at most {MAX_NAME} printable characters")
     return name

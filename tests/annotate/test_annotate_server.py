@@ -62,6 +62,18 @@ def test_best_of_k_walks_the_groups_with_skip_and_undo(dataset_dir, serve_datase
     assert len(preference_pairs(dataset_dir)) == 4 * 3 - 2  # ann 1 > 3 and bob 3 > 1 on group 0 cancel
 
 
+def test_an_annotator_typed_in_nfc_or_nfd_is_one_annotator(dataset_dir, serve_dataset):
+    client = serve_dataset(dataset_dir, "best")
+    composed, decomposed = "Jos\u00e9", "  Jose\u0301 "
+    assert client.post("/api/labels", {**BEST, "annotator": composed})[0] == 201
+    status, answer = client.post("/api/labels", {**BEST, "annotator": decomposed})
+    assert status == 200 and answer["duplicate"] is True
+    assert_refused(client.post("/api/labels", {**BEST, "annotator": decomposed, "best": "0000-2"}), 409, "undo")
+    assert client.get("/api/progress")[1]["annotators"] == {composed: 1}
+    assert client.get("/api/next?annotator=Jose%CC%81")[1]["item"]["group"] == 1
+    assert preference_pairs(dataset_dir) == [(0, 1, 0), (0, 1, 2), (0, 1, 3)]  # one vote, not two
+
+
 def test_pair_task_asks_each_pair_once_and_alternates_sides(dataset_dir, serve_dataset):
     client = serve_dataset(dataset_dir, "pair")
     assert client.get("/api/config")[1]["items"] == 3 * 6
@@ -115,6 +127,9 @@ BAD_LABELS = {
     "annotator not a string": ({**BEST, "annotator": ["ann"]}, "non-empty name"),
     "annotator too long": ({**BEST, "annotator": "x" * 65}, "at most 64 printable"),
     "annotator with a newline": ({**BEST, "annotator": "ann\nbob"}, "printable"),
+    "annotator with a bidi override": ({**BEST, "annotator": "ann\u202ebob"}, "text-direction character U+202E"),
+    "annotator with a zero-width space": ({**BEST, "annotator": "ann\u200b"}, "invisible"),
+    "annotator of a Hangul filler": ({**BEST, "annotator": "\u3164"}, "invisible"),
     "unknown key": ({**BEST, "score": 3}, "unknown key 'score'"),
     "missing answer": ({k: v for k, v in BEST.items() if k != "best"}, "missing 'best'"),
     "skip not true": ({**{k: v for k, v in BEST.items() if k != "best"}, "skip": "yes"}, "\"skip\" must be true"),
@@ -228,10 +243,19 @@ def test_a_foreign_host_name_is_refused_on_loopback(dataset_dir, serve_dataset):
     assert stored_rows(dataset_dir) == []
 
 
-def test_an_oversized_body_is_413_after_draining_it(dataset_dir, serve_dataset):
+def test_an_oversized_body_is_refused_from_its_length_without_being_read(dataset_dir, serve_dataset):
     client = serve_dataset(dataset_dir)
-    huge = json.dumps({**BEST, "annotator": "x" * (8 * 2**20)}).encode()  # 8 MB, all sent before reading
-    assert_refused(client.request("POST", "/api/labels", raw=huge), 413, "over the limit of 65536")
+    for path, code, words in (("/api/labels", 413, "over the limit of 65536"), ("/api/nothing", 404, "no such path")):
+        with socket.create_connection((client.host, client.port), timeout=5) as connection:
+            start = time.monotonic()
+            connection.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {200 * 2**20}\r\n\r\n".encode() + b"x" * 2**16)
+            reply = b""
+            while chunk := connection.recv(65536):  # answered and closed before the rest of the 200 MiB is sent
+                reply += chunk
+            assert time.monotonic() - start < 1
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert_refused((int(head.split()[1]), json.loads(body)), code, words)
     assert client.post("/api/labels", BEST)[0] == 201  # the server is fine afterwards
     assert stored_rows(dataset_dir) == [("ann", "best", 0, "", '{"best":1}')]
 
@@ -244,6 +268,57 @@ def raw_exchange(client, request: bytes) -> tuple[int, dict]:
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
+
+
+def test_deep_json_and_a_body_shorter_than_its_length_are_4xx(dataset_dir, serve_dataset):
+    client = serve_dataset(dataset_dir, request_timeout=0.5)
+    assert_refused(client.request("POST", "/api/labels", raw=b"[" * 60_000), 400, "nested too deep")
+    assert_refused(client.request("POST", "/api/undo", raw=b'{"annotator": ' + b"[" * 30_000), 400, "nested too deep")
+    head = b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+    start = time.monotonic()
+    assert_refused(raw_exchange(client, head + b'{"annotator"'), 408, "did not arrive within 0.5 s")  # then silent
+    assert time.monotonic() - start < 2
+    with socket.create_connection((client.host, client.port), timeout=5) as connection:
+        connection.sendall(head + b'{"annotator"')
+        connection.shutdown(socket.SHUT_WR)  # gives up mid-body
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply.split()[1] == b"400" and b"ended after 12 of 200 bytes" in reply
+    assert stored_rows(dataset_dir) == []
+
+
+def handler_threads(expected: int, wait: float = 2.0) -> int:
+    """The number of connection threads alive, once it equals `expected` or after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        count = sum("process_request_thread" in thread.name for thread in threading.enumerate())
+        if count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
+
+
+def test_connections_are_capped_and_a_trickling_client_is_released_within_the_timeout(dataset_dir, serve_dataset):
+    client = serve_dataset(dataset_dir, max_connections=4, request_timeout=0.5)
+    slow = [socket.create_connection((client.host, client.port), timeout=5) for _ in range(4)]
+    for connection in slow:
+        connection.sendall(b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers never finish
+    assert handler_threads(4) == 4
+    assert_refused(client.get("/api/config"), 503, "busy")  # a fifth connection is refused at once
+    stop = time.monotonic() + 1.5
+    while time.monotonic() < stop:  # a byte every 0.1 s keeps every read short; the deadline still ends it
+        for connection in slow:
+            try:
+                connection.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                pass
+        time.sleep(0.1)
+    answers = [connection.recv(65536).split(b" ", 2)[1] for connection in slow]
+    assert answers == [b"408"] * 4
+    assert handler_threads(0) == 0
+    assert client.get("/api/config")[0] == 200
+    for connection in slow:
+        connection.close()
 
 
 def test_a_body_without_length_is_411(dataset_dir, serve_dataset):

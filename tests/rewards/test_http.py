@@ -69,12 +69,13 @@ def test_server_down_fails_at_start_up_and_mid_run_after_the_retries():
         HttpReward(url, retries=2, backoff=0.01)(torch.rand(1, 3, 8, 8), ["p"])
 
 
-def test_a_server_error_is_retried_and_the_answer_used():
-    server, calls = fake_server([(503, b'{"error": "busy"}'), (200, b'{"rewards": [0.25]}')])
+@pytest.mark.parametrize("status", [503, 408])
+def test_a_server_error_or_a_timed_out_upload_is_retried_and_the_answer_used(status):
+    server, calls = fake_server([(status, b'{"error": "busy"}'), (200, b'{"rewards": [0.25]}')])
     try:
         reward = HttpReward(f"http://127.0.0.1:{server.server_address[1]}", retries=2, backoff=0.01)
         assert reward(torch.rand(1, 3, 8, 8), ["p"]).scores.tolist() == [0.25]
-        assert calls == [503, 200]
+        assert calls == [status, 200]
     finally:
         server.shutdown()
 
@@ -85,6 +86,7 @@ def test_a_server_error_is_retried_and_the_answer_used():
     (200, b'{"rewards": ["high"]}', "list of numbers under 'rewards'"),
     (200, b'{"rewards": [1, 2]}', "returned 2 rewards for 1 images"),
     (400, b'{"error": "bad prompt"}', "HTTP 400: bad prompt"),
+    (413, b'{"error": "images[0] is 12000x12000"}', "HTTP 413: images"),
 ])
 def test_malformed_answers_are_clear_errors(status, body, message):
     server, calls = fake_server([(status, body)])
@@ -98,7 +100,7 @@ def test_malformed_answers_are_clear_errors(status, body, message):
 
 
 def post(url: str, body: bytes, path: str = "/score") -> tuple[int, dict]:
-    request = urllib.request.Request(url + path, data=body, method="POST")
+    request = urllib.request.Request(url + path, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status, json.loads(answer.read())
@@ -115,7 +117,8 @@ def png() -> str:
     (json.dumps({"prompts": ["a"]}).encode(), 400, "expected"),
     (json.dumps({"prompts": ["a", "b"], "images": ["x"]}).encode(), 400, "one prompt per image"),
     (json.dumps({"prompts": [1], "images": ["x"]}).encode(), 400, "must be a string"),
-    (json.dumps({"prompts": ["a"], "images": ["%%%"]}).encode(), 400, "images[0] is not a base64 PNG"),
+    (json.dumps({"prompts": ["a"], "images": ["%%%"]}).encode(), 400, "images[0] is not base64"),
+    (json.dumps({"prompts": ["a"], "images": [3]}).encode(), 400, "every image must be a base64 string"),
     (json.dumps({"prompts": ["a"], "images": [base64.b64encode(b"text").decode()]}).encode(), 400, "images[0]"),
     (b"x" * (2**20 + 1), 413, "over the limit"),
 ])
