@@ -218,6 +218,10 @@ def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
         check(window_settings(cfg)[0] == 0,
               f"sample.sde_window: algorithm={name} samples with the deterministic ODE and stores no chain; set "
               f"sample.sde_window.size=0")
+    if getattr(algorithm, "replay_buffer", None) is not None:
+        check(cfg.algorithm.inner_epochs == 1,
+              f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: with a replay buffer the updates per epoch are "
+              f"algorithm.objective.replay_buffer.updates_per_round; set algorithm.inner_epochs=1")
     if algorithm.single_update:
         check(cfg.algorithm.inner_epochs == 1, f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: the "
                                                f"score-function estimator takes one step per sampling round; set "
@@ -338,7 +342,10 @@ def steps_per_trajectory(cfg: DictConfig, checked: Checked) -> int:
 
 def micro_steps_per_update(cfg: DictConfig, checked: Checked) -> int:
     """Backward passes per optimizer step: accumulation minibatches x steps per trajectory. The
-    score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round."""
+    score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round. A
+    replay buffer's minibatches hold single transitions: one backward pass each."""
+    if getattr(checked.algorithm, "replay_buffer", None) is not None:
+        return cfg.algorithm.gradient_accumulation_steps
     minibatches = cfg.sample.batches_per_epoch * cfg.hardware.sample_batch_size // cfg.hardware.train_batch_size
     accumulation = minibatches if checked.algorithm.single_update else cfg.algorithm.gradient_accumulation_steps
     return accumulation * steps_per_trajectory(cfg, checked)
@@ -420,7 +427,8 @@ def optimize_settings(cfg: DictConfig, checked: Checked):
     from rlfuse.engine.optimize import OptimizeSettings
 
     return OptimizeSettings(cfg.seed, cfg.algorithm.inner_epochs, cfg.hardware.train_batch_size,
-                            steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm)
+                            steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm,
+                            cfg.algorithm.gradient_accumulation_steps)
 
 
 def eval_sampler(cfg: DictConfig, family):

@@ -293,6 +293,27 @@ def test_score_function_estimator_takes_one_optimizer_step_per_sampling_round(tm
     assert result.returncode == 2 and "algorithm.inner_epochs=2" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
+def test_dpok_with_a_replay_buffer_takes_its_updates_per_round_and_resumes_exactly(tmp_path):
+    """DPOK's schedule: updates_per_round optimizer steps per epoch on random transitions of the buffer
+    (the value function one step per epoch); the buffer is in the checkpoint, so a resume is bit-identical."""
+    args = [*FAST, "algorithm=dpok", "model.finetune=full", "algorithm.learning_rate=1e-3", "sample.images_per_prompt=1",
+            "algorithm.objective.baseline=value", "algorithm.objective.kl=noise", "algorithm.objective.clip_range=0.2",
+            "algorithm.objective.replay_buffer.capacity=60", "algorithm.objective.replay_buffer.updates_per_round=3",
+            "algorithm.objective.replay_buffer.value_batch_size=8", "algorithm.gradient_accumulation_steps=2",
+            "hardware.train_batch_size=2", "checkpoint.every=2", "checkpoint.keep=0", "log.images_every=0"]
+    full = train(tmp_path / "a", *args, "epochs=4")
+    optimizer_state = torch.load(full / "checkpoints" / "epoch_000004" / "optimizer.pt", weights_only=False)
+    assert {int(s["step"]) for s in optimizer_state["state"].values()} == {4 * 3}
+    state = torch.load(full / "checkpoints" / "epoch_000004" / "state.pt", weights_only=False)
+    buffer = state["algorithm"]["replay_buffer"]
+    assert len(buffer["rows"]) == 60 and int(state["algorithm"]["value"]["optimizer"]["state"][0]["step"]) == 4
+    assert all("value_loss" in row and row["kl"] > 0 for row in metrics(full)[1:])
+    train(tmp_path / "b", *args, "epochs=2")
+    resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")
+    assert_same_final_run(full, resumed)
+
+
 # Settings under which each algorithm measurably learns the jpeg reward on the random tiny model
 # (full fine-tuning; measured with seed 0, docs/results.md). Rises seen there, first 3 epochs against
 # the last 3 (1 thread): d3po 0.055 (it then plateaus: the clamp holds the policy within 10% of the
