@@ -150,9 +150,12 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
           f"at most eta)")
     check(not (sample_cfg.get("sde_type") == "cps" and sample_cfg.eta > 1),
           f"sample.eta={sample_cfg.eta}: the cps step's std is sigma' sin(eta pi / 2); use a noise level in (0, 1]")
+    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
     check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
           f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
           f"{sample_cfg.images_per_prompt}")
+    if (OmegaConf.select(cfg, "algorithm.objective.replay_buffer.capacity", default=0) or 0) > 0:
+        return  # minibatches of single transitions drawn from a replay buffer: any sizes fit
     samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
     check(samples_per_process % hw.train_batch_size == 0,
           f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
@@ -161,7 +164,6 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
     check(minibatches % algo.gradient_accumulation_steps == 0,
           f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
           f"minibatches per epoch ({minibatches})")
-    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
 
 
 def window_settings(cfg: DictConfig) -> tuple[int, int, int, int]:
