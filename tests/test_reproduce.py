@@ -24,6 +24,7 @@ def test_every_experiment_composes_and_builds_at_toy_scale(name):
     overrides, rewards, settings = reproduce.toy_overrides(name)
     toy = reproduce.experiment_config(name, overrides)
     assert toy.model.name in ("tiny", "toy", "tiny_sd3") and toy.hardware.name == "cpu"
+    assert toy.hardware.mixed_precision == "no"  # the experiment's GPU settings stay behind
     assert toy.algorithm.name == cfg.algorithm.name
     check_complete(toy)  # nothing left for the user to give (prompt files, server addresses)
     check_numbers(toy)
