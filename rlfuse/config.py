@@ -150,9 +150,12 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
           f"at most eta)")
     check(not (sample_cfg.get("sde_type") == "cps" and sample_cfg.eta > 1),
           f"sample.eta={sample_cfg.eta}: the cps step's std is sigma' sin(eta pi / 2); use a noise level in (0, 1]")
+    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
     check(hw.sample_batch_size % sample_cfg.images_per_prompt == 0,
           f"hardware.sample_batch_size={hw.sample_batch_size} must be a multiple of sample.images_per_prompt="
           f"{sample_cfg.images_per_prompt}")
+    if (OmegaConf.select(cfg, "algorithm.objective.replay_buffer.capacity", default=0) or 0) > 0:
+        return  # minibatches of single transitions drawn from a replay buffer: any sizes fit
     samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
     check(samples_per_process % hw.train_batch_size == 0,
           f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
@@ -161,7 +164,6 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
     check(minibatches % algo.gradient_accumulation_steps == 0,
           f"algorithm.gradient_accumulation_steps={algo.gradient_accumulation_steps} must divide the training "
           f"minibatches per epoch ({minibatches})")
-    check(cfg.model.finetune in ("lora", "full"), f"model.finetune={cfg.model.finetune!r}: use 'lora' or 'full'")
 
 
 def window_settings(cfg: DictConfig) -> tuple[int, int, int, int]:
@@ -218,6 +220,10 @@ def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
         check(window_settings(cfg)[0] == 0,
               f"sample.sde_window: algorithm={name} samples with the deterministic ODE and stores no chain; set "
               f"sample.sde_window.size=0")
+    if getattr(algorithm, "replay_buffer", None) is not None:
+        check(cfg.algorithm.inner_epochs == 1,
+              f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: with a replay buffer the updates per epoch are "
+              f"algorithm.objective.replay_buffer.updates_per_round; set algorithm.inner_epochs=1")
     if algorithm.single_update:
         check(cfg.algorithm.inner_epochs == 1, f"algorithm.inner_epochs={cfg.algorithm.inner_epochs}: the "
                                                f"score-function estimator takes one step per sampling round; set "
@@ -338,7 +344,10 @@ def steps_per_trajectory(cfg: DictConfig, checked: Checked) -> int:
 
 def micro_steps_per_update(cfg: DictConfig, checked: Checked) -> int:
     """Backward passes per optimizer step: accumulation minibatches x steps per trajectory. The
-    score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round."""
+    score-function estimator (DDPO_SF) is exact only for the policy that sampled: one step per round. A
+    replay buffer's minibatches hold single transitions: one backward pass each."""
+    if getattr(checked.algorithm, "replay_buffer", None) is not None:
+        return cfg.algorithm.gradient_accumulation_steps
     minibatches = cfg.sample.batches_per_epoch * cfg.hardware.sample_batch_size // cfg.hardware.train_batch_size
     accumulation = minibatches if checked.algorithm.single_update else cfg.algorithm.gradient_accumulation_steps
     return accumulation * steps_per_trajectory(cfg, checked)
@@ -420,7 +429,8 @@ def optimize_settings(cfg: DictConfig, checked: Checked):
     from rlfuse.engine.optimize import OptimizeSettings
 
     return OptimizeSettings(cfg.seed, cfg.algorithm.inner_epochs, cfg.hardware.train_batch_size,
-                            steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm)
+                            steps_per_trajectory(cfg, checked), cfg.algorithm.max_grad_norm,
+                            cfg.algorithm.gradient_accumulation_steps)
 
 
 def eval_sampler(cfg: DictConfig, family):

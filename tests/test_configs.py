@@ -90,7 +90,7 @@ def run_cli(*args: str) -> Result:
 @pytest.mark.parametrize("args, expected", [
     (["nonsense_key=1"], "unknown config key 'nonsense_key'"),
     (["sample.num_stepz=3"], "unknown config key 'sample.num_stepz'"),
-    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy"),
+    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy"),
     (["sample.eta=fast"], "'sample.eta' must be a float"),
     (["epochs=2.5"], "'epochs' must be an int"),
     (["sample.eta=0"], "must be > 0"),
@@ -134,6 +134,11 @@ def run_cli(*args: str) -> Result:
      "hardware.attention=eager: plain-matmul attention is for UNet models"),
     (["algorithm=d3po", "sample.same_noise_per_prompt=false"], "trains on pairs of images of one prompt"),
     (["algorithm.objective.estimator=score_function", "algorithm.inner_epochs=2"], "takes one step per sampling round"),
+    (["algorithm=dpok", "algorithm.objective.kl=squared"], "algorithm.objective: kl='squared': use one of exact, noise"),
+    (["algorithm=dpok", "algorithm.objective.replay_buffer.capacity=-5"], "replay_buffer: capacity=-5: must be >= 0"),
+    (["algorithm=dpok", "algorithm.objective.replay_buffer.capacity=100", "algorithm.inner_epochs=2"],
+     "with a replay buffer the updates per epoch are algorithm.objective.replay_buffer.updates_per_round"),
+    (["algorithm=rwr", "algorithm.objective.prediction=unguided"], "algorithm.objective: prediction='unguided'"),
     (["algorithm=nft"], "algorithm=nft trains flow models on the velocity target: model=toy is a sd (DDIM) model"),
     (["algorithm=nft", "model=tiny_sd3", "model.finetune=full"], "second LoRA adapter: set model.finetune=lora"),
     (["algorithm=nft", "model=tiny_sd3", "sample.sde_window.size=2"], "sample.sde_window: algorithm=nft samples with"),
@@ -176,4 +181,4 @@ def test_help_lists_groups_and_choices():
     assert result.returncode == 0
     for group in config_groups():
         assert f"{group}:" in result.stdout
-    assert "flux_dev, flux_schnell, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy" in result.stdout
+    assert "flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy" in result.stdout

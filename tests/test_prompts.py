@@ -10,7 +10,7 @@ from rlfuse.prompts import HPDV2_STYLES, load_prompts, shipped_lists
 
 
 def test_every_shipped_list_loads_with_its_documented_count():
-    counts = {"dpok_single": 4, "drawbench_dpok": 183, "d3po_imagereward": 1000, "d3po_unsafe": 14}
+    counts = {"dpok_single": 4, "dpok_rabbit": 1, "drawbench_dpok": 183, "d3po_imagereward": 1000, "d3po_unsafe": 14}
     for name, count in counts.items():
         assert len(load_prompts(name)) == count, name
     assert set(counts) <= set(shipped_lists())

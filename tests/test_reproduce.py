@@ -17,13 +17,14 @@ from rlfuse.evaluate import build_reward
 @pytest.mark.parametrize("name", list(reproduce.EXPERIMENTS))
 def test_every_experiment_composes_and_builds_at_toy_scale(name):
     cfg = reproduce.experiment_config(name)
-    assert cfg.epochs > 0 and cfg.model.name in ("sd15", "sd21", "sd35m")  # the paper-scale file
+    assert cfg.epochs > 0 and cfg.model.name in ("sd14", "sd15", "sd21", "sd35m")  # the paper-scale file
     if cfg.feedback.name == "human":  # needs people's labels: listed as not run at toy scale
         assert reproduce.needs_inputs(name) == "feedback.path"
         return
     overrides, rewards, settings = reproduce.toy_overrides(name)
     toy = reproduce.experiment_config(name, overrides)
     assert toy.model.name in ("tiny", "toy", "tiny_sd3") and toy.hardware.name == "cpu"
+    assert toy.hardware.mixed_precision == "no"  # the experiment's GPU settings stay behind
     assert toy.algorithm.name == cfg.algorithm.name
     check_complete(toy)  # nothing left for the user to give (prompt files, server addresses)
     check_numbers(toy)
@@ -75,6 +76,82 @@ def test_flow_grpo_experiments_carry_its_published_settings(name, beta):
     assert cfg.algorithm.objective.beta == pytest.approx(beta * (1 - 0.0089) / 9, rel=0.01)
     if cfg.reward.name == "http":
         assert cfg.reward.fn.url == USER_INPUTS["reward.url"]
+
+
+# Each paper preset's counts as its reference code sets them, in rlfuse's units (images, not prompts):
+# (processes, images per sampling batch, sampling batches per epoch, trajectories per training minibatch,
+#  minibatches per optimizer step, samples per epoch over all processes, optimizer steps per epoch).
+D3PO_JPEG = (8, 20, 2, 2, 1, 320, 20)  # yk7333/d3po config/base.py at 40d3175: sample.batch_size 10 prompts x 2 images
+# (scripts/train_with_rm.py samples each prompt twice), 2 batches, train.batch_size 1 pair, no accumulation; 8 GPUs
+# is the presets' launch (the reference gives per-GPU numbers only)
+REFERENCE_COUNTS = {
+    # kvablack/ddpo-pytorch config/dgx.py at 1958463, compressibility(): "8 * 8 * 4 = 256 samples per epoch",
+    # "(8 * 4) / (4 * 2) = 4 gradient updates per epoch"; incompressibility() the same
+    "ddpo_sd15_compressibility": (8, 8, 4, 4, 2, 256, 4),
+    "ddpo_sd15_incompressibility": (8, 8, 4, 4, 2, 256, 4),
+    "ddpo_sd15_aesthetic": (8, 8, 4, 4, 4, 256, 2),      # aesthetic(): gradient_accumulation_steps 4, "2 gradient updates"
+    "ddpo_sd15_alignment": (6, 8, 6, 4, 6, 288, 2),      # prompt_image_alignment(): "8 * 6 * 6 = 288", "(8 * 6) / (4 * 6) = 2"
+    "d3po_sd15_compressibility": D3PO_JPEG,
+    "d3po_sd15_incompressibility": D3PO_JPEG,
+    "d3po_sd15_human_alignment": D3PO_JPEG,
+    "d3po_sd15_human_distortion": D3PO_JPEG,
+    "d3po_sd15_human_safety": D3PO_JPEG,
+    "d3po_sd15_aesthetic": (8, 16, 1, 2, 1, 128, 8),     # its aesthetic settings: 1 batch of 8 prompts x 2 images
+    # google-research/google-research dpok/README.md at 83282e4, single prompt: --g_batch_size 10 --p_batch_size 4
+    # --gradient_accumulation_steps 12 on one GPU, and train_online_pg.py at 1d49f2c: --p_step 5 updates per round
+    "dpok_sd15_imagereward": (1, 10, 1, 4, 12, 10, 5),
+    # multiple prompts: --g_batch_size 6 --p_batch_size 2 per GPU (the GPU count is the preset's launch line's)
+    "dpok_sd15_drawbench": (8, 6, 1, 2, 12, 48, 5),
+}
+
+
+def launch_processes(name: str) -> int:
+    """The process count of the experiment file's launch line (1 for `python -m rlfuse.train`)."""
+    from rlfuse.cli import CONF_DIR
+
+    launch = next(line for line in (CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()
+                  if line.startswith("# Launch:"))
+    found = re.search(r"--num_processes (\d+)", launch)
+    return int(found.group(1)) if found else 1
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_every_paper_preset_has_its_reference_codes_counts_per_gpu(name):
+    processes, images, batches, minibatch, accumulation, samples, updates = REFERENCE_COUNTS[name]
+    cfg = reproduce.experiment_config(name, given_inputs(name))
+    hw, algorithm = cfg.hardware, cfg.algorithm
+    assert launch_processes(name) == processes
+    assert (hw.sample_batch_size, cfg.sample.batches_per_epoch) == (images, batches)
+    assert (hw.train_batch_size, algorithm.gradient_accumulation_steps) == (minibatch, accumulation)
+    assert processes * batches * images == samples
+    replay = algorithm.objective.get("replay_buffer", {}).get("capacity", 0) > 0
+    if replay:  # DPOK's schedule: a fixed number of updates per round
+        assert algorithm.objective.replay_buffer.updates_per_round == updates
+    else:
+        assert batches * images // (minibatch * accumulation) == updates
+    if cfg.algorithm.name == "d3po":  # whole pairs: two images of a prompt from one noise, one pair per minibatch
+        assert cfg.sample.images_per_prompt == 2 and cfg.sample.same_noise_per_prompt and minibatch == 2
+    if cfg.algorithm.name == "ddpo":
+        assert cfg.model.name == "sd14" and cfg.model.pretrained == "CompVis/stable-diffusion-v1-4"
+
+
+def test_the_paper_experiments_all_have_reference_counts():
+    papers = [n for n in reproduce.EXPERIMENTS if n.startswith(("ddpo_", "d3po_", "dpok_"))]
+    assert sorted(papers) == sorted(REFERENCE_COUNTS)
+
+
+@pytest.mark.parametrize("name, reward_weight, kl_weight", [("dpok_sd15_imagereward", 10.0, 0.01),
+                                                            ("dpok_sd15_drawbench", 1000.0, 0.1)])
+def test_dpok_presets_follow_the_published_commands(name, reward_weight, kl_weight):
+    """dpok/README.md at 83282e4 (its two commands) and train_online_pg.py at 1d49f2c (the defaults they keep)."""
+    objective = reproduce.experiment_config(name).algorithm.objective
+    assert (objective.reward_weight, objective.kl_weight, objective.kl, objective.baseline) == \
+        (reward_weight, kl_weight, "noise", "value")
+    assert dict(objective.replay_buffer) == {"capacity": 1000, "updates_per_round": 5, "value_minibatches": 5,
+                                             "value_batch_size": 256}
+    cfg = reproduce.experiment_config(name)
+    assert (cfg.algorithm.learning_rate, cfg.algorithm.max_grad_norm, objective.clip_range) == (1e-5, 0.1, 1e-4)
+    assert (cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta) == (50, 7.5, 1.0)
 
 
 @pytest.mark.parametrize("name", list(reproduce.EXPERIMENTS))

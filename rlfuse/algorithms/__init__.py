@@ -27,6 +27,11 @@ class Algorithm(Protocol):
         sampler chains with their log-probs; such an algorithm (DiffusionNFT) samples with its own
         old policy: it provides attach(network) (before any checkpoint is loaded), sampling() (the
         context rollouts run in) and end_epoch(updates) -> diagnostics (after each optimize stage).
+
+    Optional: replay_buffer, a rlfuse.replay_buffer.TransitionBuffer (absent or None: on-policy training
+    over the epoch's chains). An algorithm with one (DPOK's schedule) provides remember(samples, steps,
+    generator) -> diagnostics, called once per epoch to add the chains, and is trained on random single
+    transitions drawn from the buffer (rlfuse.engine.optimize.optimize_from_buffer).
     """
 
     needs_reference: bool

@@ -7,6 +7,12 @@ noise, weight the squared error by the sample's weight:
 
     L = (1/N) sum_i w_i * || eps_theta(sqrt(a_t) x0_i + sqrt(1 - a_t) eps, t, c_i) - eps ||^2 / dim
 
+eps_theta is the guided prediction the sampler used, eps_u + s (eps_c - eps_u) at the sampling guidance
+scale s (prediction="guided", the default): the function that drew the samples is the one trained, as
+DDPO's code trains every method through the guided prediction (kvablack/ddpo-pytorch config/base.py,
+train.cfg). prediction="conditional" regresses the conditional branch alone, the pretraining loss
+(supervised fine-tuning on weighted samples), in one forward pass instead of two.
+
 Weights (DDPO, section 4.1):
     weighted: w = softmax(r / beta) * N, so that the weights average to 1 over the N samples (or,
         per prompt, over each prompt's group of images). With normalize (the default) r is first
@@ -26,6 +32,7 @@ from rlfuse.policy import Policy
 from rlfuse.trajectories import Trajectories
 
 WEIGHTINGS = ("weighted", "sparse")
+PREDICTIONS = ("guided", "conditional")
 
 
 def rwr_weights(
@@ -77,6 +84,8 @@ class RWR:
         weighting: "weighted" (softmax weights) or "sparse" (the top quantile, unweighted).
         quantile: the reward quantile above which sparse weighting keeps samples.
         normalize: standardise rewards before the softmax (weighted), so temperature is unit-free.
+        prediction: "guided" (the prediction sampling used, at its guidance scale) or "conditional" (the
+            conditional branch alone).
     """
 
     needs_reference = False
@@ -86,13 +95,15 @@ class RWR:
     likelihood_free = False  # samples with the stochastic sampler, as the others (its loss reads only x_0)
 
     def __init__(self, temperature: float = 0.5, per_prompt: bool = False, weighting: str = "weighted",
-                 quantile: float = 0.9, normalize: bool = True):
+                 quantile: float = 0.9, normalize: bool = True, prediction: str = "guided"):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: use one of {', '.join(PREDICTIONS)}")
         if temperature <= 0 or not 0 <= quantile < 1:
             raise ValueError(f"temperature={temperature}, quantile={quantile}: need temperature > 0, 0 <= quantile < 1")
         self.temperature, self.per_prompt, self.weighting, self.quantile = temperature, per_prompt, weighting, quantile
-        self.normalize = normalize
+        self.normalize, self.prediction = normalize, prediction
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor,
                    terms: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -103,12 +114,14 @@ class RWR:
 
     def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Noise each final sample x_0 to the timestep of recorded step `step_index` with fresh noise
-        (torch's global generator, seeded per process and saved in checkpoints) and regress."""
+        (torch's global generator, seeded per process and saved in checkpoints) and regress the prediction
+        (guided as sampling guides it, or the conditional branch) on its target."""
         rows = torch.arange(len(batch), device=step_index.device)
         samples = batch.next_latents[:, -1]                                  # (b, C, H, W) x_0
         timesteps = batch.timesteps[rows, step_index]                        # (b,)
         noise = torch.randn(samples.shape, dtype=samples.dtype).to(samples.device)
-        prediction, target = policy.denoise(samples, noise, timesteps, batch.conditioning)
+        prediction, target = policy.denoise(samples, noise, timesteps, batch.conditioning,
+                                            guided=self.prediction == "guided")
         return weighted_denoising_loss(prediction, target, batch.advantages)
 
     def state_dict(self) -> dict:

@@ -3,8 +3,9 @@
 A checkpoint is a folder checkpoints/epoch_NNNNNN/ holding:
     trainable.safetensors   every trainable UNet parameter (LoRA or all), by name
     optimizer.pt            the optimizer state
-    state.pt                epoch, algorithm state (e.g. per-prompt statistics), RNG states of
-                            every process, fp16 loss scale
+    state.pt                epoch, algorithm state (e.g. per-prompt statistics) and RNG state of
+                            every process (a resume with another process count takes rank 0's
+                            algorithm state), fp16 loss scale
     lora/                   LoRA in the diffusers format (pipeline.load_lora_weights(folder)), or
     pipeline/               a full pipeline folder (full fine-tuning, final checkpoint)
 It is written under a temporary name and renamed into place, so a crash mid-write leaves the
@@ -138,6 +139,8 @@ def save_epoch(accelerator, run_dir: Path, epoch: int, final: bool, family, netw
     from rlfuse.lora import trainable_parameters
 
     rng_states = gather_object([rng_state()])  # one per process, in rank order
+    # Also per process: state that differs between processes (DPOK's replay buffer holds its own chains).
+    algorithm_states = gather_object([algorithm_state]) if accelerator.num_processes > 1 else [algorithm_state]
     gathered_weights = accelerator.get_state_dict(network) if sharded else None
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(network)
@@ -152,7 +155,8 @@ def save_epoch(accelerator, run_dir: Path, epoch: int, final: bool, family, netw
                     whole.load_state_dict(gathered_weights)
                 family.export_pipeline(whole, folder / "pipeline")
 
-        extra = {"algorithm": algorithm_state, "rng_per_process": rng_states,
+        extra = {"algorithm": algorithm_states[0], "algorithm_per_process": algorithm_states,  # one object pickled once
+                 "rng_per_process": rng_states,
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         trainable = trainable_parameters(inner)
         if sharded:
@@ -175,8 +179,9 @@ def restore(accelerator, optimizer: torch.optim.Optimizer, algorithm, optimizer_
             "not in the checkpoint)")
     if accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
-    algorithm.load_state_dict(state["algorithm"])
-    rng_states = state["rng_per_process"]
     rank, world = accelerator.process_index, accelerator.num_processes
+    per_process = state.get("algorithm_per_process") or []
+    algorithm.load_state_dict(per_process[rank] if len(per_process) == world else state["algorithm"])
+    rng_states = state["rng_per_process"]
     set_rng_state(rng_states[rank] if len(rng_states) == world else rng_states[0])
     return state["epoch"] + 1

@@ -1,5 +1,7 @@
 """The optimize stage: inner epochs over shuffled minibatches, a random subset of each trajectory's
-steps, gradient accumulation, clipping, and updates skipped when the gradients are not finite."""
+steps, gradient accumulation, clipping, and updates skipped when the gradients are not finite; or, for
+an algorithm with a replay buffer (DPOK's schedule), a fixed number of updates on random single
+transitions of the buffer."""
 
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from rlfuse.trajectories import Trajectories
 class OptimizeSettings:
     """seed: the run's; inner_epochs: passes over the epoch's samples; batch_size: trajectories per
     minibatch (per process); steps_per_trajectory: how many of each trajectory's trainable steps are
-    trained on; max_grad_norm: the clipping norm."""
+    trained on; max_grad_norm: the clipping norm; accumulation_steps: minibatches per optimizer step
+    (used by the replay schedule, which counts its updates)."""
 
     seed: int
     inner_epochs: int
     batch_size: int
     steps_per_trajectory: int
     max_grad_norm: float
+    accumulation_steps: int = 1
 
 
 @dataclass
@@ -77,6 +81,9 @@ def optimize(policy: Policy, algorithm: Algorithm, samples: Trajectories, traina
     trainable_steps: (T',) the sampler steps that may be trained on. The steps of each trajectory (or
     pair) are drawn from its sample id's seed, so they do not depend on the process count.
     """
+    if getattr(algorithm, "replay_buffer", None) is not None:
+        return optimize_from_buffer(policy, algorithm, samples, trainable_steps, settings, accelerator, optimizer,
+                                    params, guard, epoch, progress)
     network, device = policy.network, accelerator.device
     network.train()
     rank = accelerator.process_index
@@ -97,15 +104,47 @@ def optimize(policy: Policy, algorithm: Algorithm, samples: Trajectories, traina
             for j in range(count):
                 loss, stats = accumulation_step(policy, algorithm, batch, batch_steps[:, j], accelerator,
                                                 optimizer, params, settings.max_grad_norm, guard, epoch)
-                for name, value in {"loss": loss, **stats}.items():
-                    value = value.detach().float()     # no sync per step
-                    present = ~torch.isnan(value)
-                    stats_sum[name] = stats_sum.get(name, 0.0) + torch.where(present, value, 0.0)
-                    stats_count[name] = stats_count.get(name, 0.0) + present.float()
+                add_stats(stats_sum, stats_count, {"loss": loss, **stats})
                 micro_steps += 1
                 bar.update(1)
         bar.close()
     return reduce_means(accelerator, stats_sum, stats_count), micro_steps
+
+
+def optimize_from_buffer(policy: Policy, algorithm: Algorithm, samples: Trajectories, trainable_steps: torch.Tensor,
+                         settings: OptimizeSettings, accelerator, optimizer: torch.optim.Optimizer,
+                         params: list[torch.Tensor], guard: NonFiniteGuard, epoch: int,
+                         progress: bool = False) -> tuple[dict[str, float], int]:
+    """DPOK's schedule: the epoch's chains join the algorithm's replay buffer (every trainable step a
+    transition; the algorithm may update its value function there), then buffer.updates_per_round
+    optimizer steps, each on settings.accumulation_steps minibatches of settings.batch_size random
+    transitions. Returns what optimize returns. The draws follow (seed, epoch, rank)."""
+    policy.network.train()
+    buffer, device = algorithm.replay_buffer, accelerator.device
+    draws = torch.Generator().manual_seed(seed_for(settings.seed, epoch, accelerator.process_index, 5))
+    stats_sum: dict[str, torch.Tensor] = {}
+    stats_count: dict[str, torch.Tensor] = {}
+    add_stats(stats_sum, stats_count, algorithm.remember(samples, trainable_steps, draws))
+    micro_steps = buffer.updates_per_round * settings.accumulation_steps
+    bar = tqdm(total=micro_steps, disable=not progress, leave=False, desc=f"epoch {epoch} train (replay)")
+    for _ in range(micro_steps):
+        batch, step_index = buffer.draw(settings.batch_size, draws)                 # (b,) chains, (b,) steps
+        loss, stats = accumulation_step(policy, algorithm, batch, step_index.to(device), accelerator, optimizer,
+                                        params, settings.max_grad_norm, guard, epoch)
+        add_stats(stats_sum, stats_count, {"loss": loss, **stats})
+        bar.update(1)
+    bar.close()
+    return reduce_means(accelerator, stats_sum, stats_count), micro_steps
+
+
+def add_stats(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], stats: dict) -> None:
+    """Add one micro-step's scalar diagnostics to the running sums and counts (NaN entries skipped), with
+    no device sync."""
+    for name, value in stats.items():
+        value = value.detach().float()
+        present = ~torch.isnan(value)
+        sums[name] = sums.get(name, 0.0) + torch.where(present, value, 0.0)
+        counts[name] = counts.get(name, 0.0) + present.float()
 
 
 def accumulation_step(policy: Policy, algorithm: Algorithm, batch: Trajectories, step_index: torch.Tensor,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlfuse.algorithms.dpok import DPOK, dpok_loss, gaussian_kl
+from rlfuse.algorithms.dpok import DPOK, dpok_loss, gaussian_kl, noise_kl
 from rlfuse.dynamics.ddim import Transition
 
 
@@ -77,3 +77,59 @@ def test_a_ratio_that_would_overflow_gives_zero_not_nan_gradient():
     loss.backward()
     assert loss.item() == pytest.approx(-10 * 2.1 / 2, rel=1e-6)
     assert torch.isfinite(log_probs.grad).all() and log_probs.grad[1] == 0
+
+
+def test_noise_kl_by_hand():
+    prediction = torch.tensor([[1.0, 3.0], [0.0, 0.0]], requires_grad=True).reshape(2, 2, 1, 1)
+    reference = torch.tensor([[0.0, 1.0], [0.0, 2.0]]).reshape(2, 2, 1, 1)
+    # rows: (1 + 4) / 2 and (0 + 4) / 2
+    torch.testing.assert_close(noise_kl(prediction, reference), torch.tensor([2.5, 2.0]))
+
+
+def trained_away_from_reference(pipeline, policy, batch, steps):
+    """One SGD step of the LoRA adapters so that the policy differs from its reference."""
+    objective = DPOK(baseline="batch", clip_range=0.2)
+    loss, _ = objective.loss(policy, batch, steps)
+    loss.backward()
+    with torch.no_grad():
+        for parameter in (p for p in pipeline.unet.parameters() if p.requires_grad):
+            parameter -= 1e-2 * parameter.grad
+            parameter.grad = None
+
+
+def test_the_two_kl_forms_are_the_noise_difference_and_the_gaussian_kl(lora_policy, sample):
+    """kl=noise is the mean squared difference of the guided predictions (the reference: adapters off);
+    kl=exact the Gaussian KL of the two steps, r_t = c_t^2 / (2 std_t^2) times the noise form."""
+    pipeline, policy = lora_policy
+    batch = sample(pipeline, ["a cat", "a dog"], shared_noise_pairs=False).with_advantages(torch.tensor([1.0, -1.0]))
+    steps = torch.tensor([0, 2])
+    trained_away_from_reference(pipeline, policy, batch, steps)
+    rows = torch.arange(2)
+    latents, timesteps = batch.latents[rows, steps], batch.timesteps[rows, steps]
+    with torch.no_grad():
+        ours = policy.family.predict(pipeline.unet, latents, timesteps, batch.conditioning, 5.0)
+        with policy.reference() as base:
+            theirs = policy.family.predict(base, latents, timesteps, batch.conditioning, 5.0)
+    noise = ((ours - theirs) ** 2).mean(dim=(1, 2, 3))                           # (2,) by hand
+    assert (noise > 0).all()
+    noise_stat = DPOK(kl="noise", baseline="batch").loss(policy, batch, steps)[1]["kl"]
+    torch.testing.assert_close(noise_stat, noise.mean(), rtol=1e-4, atol=0)
+    # exact: mean (mu - mu_ref)^2 / (2 std^2), and for epsilon prediction r_t times the noise form
+    scheduler = policy.sampler.scheduler
+    step_ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha = scheduler.alphas_cumprod[timesteps]
+    previous = timesteps - step_ratio
+    alpha_prev = torch.where(previous >= 0, scheduler.alphas_cumprod[previous.clamp(min=0)],
+                             scheduler.final_alpha_cumprod)
+    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)        # eta 1
+    c = (1 - alpha_prev - variance).sqrt() - (alpha_prev * (1 - alpha) / alpha).sqrt()
+    exact = c**2 / (2 * variance) * noise
+    exact_stat = DPOK(kl="exact", baseline="batch").loss(policy, batch, steps)[1]["kl"]
+    torch.testing.assert_close(exact_stat, exact.mean(), rtol=1e-3, atol=0)
+    transition, reference = policy.transition(batch, steps), policy.transition(batch, steps, reference=True)
+    torch.testing.assert_close(gaussian_kl(transition, reference).detach(), exact, rtol=1e-3, atol=0)
+
+
+def test_unknown_kl_form_is_refused():
+    with pytest.raises(ValueError, match="kl='squared'"):
+        DPOK(kl="squared")

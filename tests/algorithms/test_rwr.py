@@ -61,3 +61,32 @@ def test_loss_on_the_tiny_model_is_zero_without_weight_and_trains_with_it(lora_p
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         moved = any(g is not None and g.abs().sum() > 0 for g in grads)
         assert moved == trains and stats["denoising_mse"].item() > 0
+
+
+def test_the_guided_loss_regresses_the_prediction_sampling_makes(lora_policy, sample):
+    """Same x_0, timestep and noise: RWR's prediction is the rollout's guided prediction (the family's
+    predict at the sampler's input and guidance 5), and the conditional option is guidance 1."""
+    pipeline, policy = lora_policy
+    batch = sample(pipeline, ["a cat", "a dog"], shared_noise_pairs=False).with_advantages(torch.tensor([1.0, 1.0]))
+    step = torch.tensor([1, 2])
+    samples, timesteps = batch.next_latents[:, -1], batch.timesteps[torch.arange(2), step]
+    for prediction, scale in (("guided", 5.0), ("conditional", 1.0)):
+        torch.manual_seed(7)
+        loss, _ = RWR(prediction=prediction).loss(policy, batch, step)
+        torch.manual_seed(7)
+        noise = torch.randn(samples.shape)
+        noisy = policy.sampler.scheduler.add_noise(samples, noise, timesteps)
+        with torch.no_grad():  # as the rollout calls it
+            sampled = policy.family.predict(pipeline.unet, policy.sampler.model_input(noisy, timesteps), timesteps,
+                                            batch.conditioning, scale)
+        torch.testing.assert_close(loss.detach(), ((sampled - noise) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    torch.manual_seed(7)
+    guided = RWR().loss(policy, batch, step)[0]
+    torch.manual_seed(7)
+    conditional = RWR(prediction="conditional").loss(policy, batch, step)[0]
+    assert abs(guided.item() - conditional.item()) > 1e-4  # guidance 5 changes the prediction
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction='unguided'"):
+        RWR(prediction="unguided")
