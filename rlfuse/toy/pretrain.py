@@ -66,6 +66,12 @@ SMOKE_OVERRIDES = [
     "eval.every=20", "eval.num_prompts=6", "eval.num_steps=4",
 ]
 
+# The same for model=toy_flow (--config-name pretrain_toy_flow: its VAE is loaded, not trained).
+SMOKE_OVERRIDES_FLOW = [
+    "vae.eval_images=16", "transformer.steps=30", "transformer.batch_size=8", "transformer.warmup_steps=5",
+    "transformer.log_every=10", "eval.every=20", "eval.num_prompts=6", "eval.num_steps=4",
+]
+
 # Independent random streams derived from the one seed: np.random.default_rng([seed, stream]).
 VAE_DATA, VAE_NOISE, VAE_EVAL, LATENT_STATS, UNET_DATA, UNET_NOISE, EVAL_PROMPTS = range(7)
 RECORD_NAME = "training_record.json"

@@ -14,7 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from rlfuse.cli import CONF_DIR
-from rlfuse.toy.pretrain import PIPELINE_NAME, RECORD_NAME, SMOKE_OVERRIDES, build_tokenizer, check_vocabulary
+from rlfuse.toy.pretrain import (PIPELINE_NAME, RECORD_NAME, SMOKE_OVERRIDES, SMOKE_OVERRIDES_FLOW, build_tokenizer,
+                                 check_vocabulary)
 from rlfuse.toy.world import all_prompts
 
 torch.set_num_threads(1)  # the test machine's cores are shared
@@ -90,3 +91,41 @@ def test_same_seed_gives_the_same_losses_and_evaluation(smoke_run, tmp_path):
     assert first["vae"]["losses"] == second["vae"]["losses"]
     assert first["unet"]["losses"] == second["unet"]["losses"]
     assert first["eval"] == second["eval"]
+
+
+@pytest.mark.slow  # a smoke pretraining run of the flow model in a subprocess: about 15 s
+def test_flow_smoke_run_leaves_an_sd3_pipeline_that_loads_and_a_record_with_relation_sensitivity(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "rlfuse.toy.pretrain", "--config-name", "pretrain_toy_flow", *SMOKE_OVERRIDES_FLOW,
+               "progress=false", "torch_threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / RECORD_NAME).read_text())
+    assert record["transformer"]["steps"] == 30 and record["vae"]["steps"] == 0  # the VAE was loaded
+    # SD3's convention: latents = (z - shift) * scale, both measured on the loaded VAE's latents
+    assert record["vae"]["shift_factor"] == pytest.approx(record["vae"]["latent_mean"])
+    assert record["vae"]["scaling_factor"] == pytest.approx(1 / record["vae"]["latent_std"])
+    assert all(0 < value < 2 for value in record["relation_sensitivity"].values())
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tmp_path / "run" / PIPELINE_NAME, text_encoder_3=None,
+                                                        tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(["a red circle"], num_inference_steps=2, guidance_scale=4.5, max_sequence_length=0,
+                      generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["architecture=unet3"], "architecture='unet3': use one of ['sd', 'sd3']"),
+    (["vae.pretrained=/no/such/vae"], "vae.pretrained='/no/such/vae': no AutoencoderKL folder there"),
+    (["vae.pretrained=null"], "vae.steps=0: must be >= 1 when vae.pretrained is null"),
+])
+def test_bad_flow_pretraining_settings_fail_in_one_line(overrides, expected, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "rlfuse.toy.pretrain", "--config-name", "pretrain_toy_flow", *overrides,
+               f"output_root={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not any(tmp_path.iterdir())
