@@ -512,6 +512,33 @@ def test_nft_raises_the_jpeg_reward_on_the_shipped_flow_model(tmp_path):
     assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > 0.035, rewards
 
 
+@pytest.mark.slow
+def test_nft_on_two_cpu_processes_samples_as_one_and_keeps_both_adapters_in_sync(tmp_path):
+    """DiffusionNFT under DDP: the two processes sample with the old adapter exactly what one process
+    samples (epoch 1, before any update), and after every epoch both hold the same trained weights
+    (their checksums agree), the same old adapter and the same old-policy decay. Training noise follows the process (as for
+    RWR), so the losses are not compared."""
+    args = [*TINY_SD3, "algorithm=nft", "algorithm.learning_rate=1e-3", "sample.num_steps=4", "epochs=2",
+            "reward.fn._target_=tests.brightness_reward.BrightnessReward", "eval.every=0", "log.images_every=0",
+            "progress=false"]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = run_train(tmp_path / "two", *args, "hardware.sample_batch_size=4", "hardware.train_batch_size=2",
+                       env={"ACCELERATE_USE_CPU": "true"},
+                       launcher=(accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = next((tmp_path / "two").glob("**/.hydra")).parent
+    rows_two = metrics(two)
+    assert all(row["param_sync_error"] == 0 for row in rows_two)
+    # the old adapters of the two processes, as each saved them in the final checkpoint, are equal
+    state = torch.load(two / "checkpoints" / "epoch_000002" / "state.pt", weights_only=False)
+    first, second = (process["old"] for process in state["algorithm_per_process"])
+    assert len(first) > 0 and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    rows_one = metrics(train(tmp_path / "one", *args, "hardware.sample_batch_size=8", "hardware.train_batch_size=4"))
+    assert rows_one[0]["reward_mean"] == pytest.approx(rows_two[0]["reward_mean"], abs=1e-6)
+    assert [r["old_policy_decay"] for r in rows_one] == [r["old_policy_decay"] for r in rows_two]
+
+
 def test_a_fast_window_on_tiny_sd3_trains_every_window_step_and_nothing_else(tmp_path):
     """Flow-GRPO-Fast: a window of 2 stochastic steps of 6, the only steps stored and trained (each
     chain trains both); at lr 0 the recomputed log-probs equal the sampled ones."""
