@@ -120,7 +120,8 @@ class NFT:
     policies' flow-matching loss on the old policy's clean samples.
 
     Args:
-        beta: the implicit policies' step size (reference: 1.0 for GenEval and PickScore, 0.1 for OCR).
+        beta: how much of v_theta the implicit policies mix in; the optimum moves v_theta by 2 / beta times
+            the improvement direction (reference: 1.0 for GenEval and PickScore, 0.1 for OCR).
         adv_clip_max: advantages are clipped to [-c, c] before r = A / 2c + 1/2 (reference: 5).
         kl_beta: weight of mean ||v_theta - v_ref||^2 to the base model (reference: 1e-4; 0 needs no reference).
         global_std: normalise by the std of the batch (true) or of each prompt's group.
