@@ -90,7 +90,7 @@ def run_cli(*args: str) -> Result:
 @pytest.mark.parametrize("args, expected", [
     (["nonsense_key=1"], "unknown config key 'nonsense_key'"),
     (["sample.num_stepz=3"], "unknown config key 'sample.num_stepz'"),
-    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy"),
+    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy, toy_flow"),
     (["sample.eta=fast"], "'sample.eta' must be a float"),
     (["epochs=2.5"], "'epochs' must be an int"),
     (["sample.eta=0"], "must be > 0"),
@@ -181,4 +181,4 @@ def test_help_lists_groups_and_choices():
     assert result.returncode == 0
     for group in config_groups():
         assert f"{group}:" in result.stdout
-    assert "flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy" in result.stdout
+    assert "flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy, toy_flow" in result.stdout
