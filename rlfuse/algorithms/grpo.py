@@ -46,6 +46,12 @@ def group_advantages(prompts: list[str], rewards: torch.Tensor, global_std: bool
     return advantages.float()
 
 
+def groups_without_signal(prompts: list[str], advantages: torch.Tensor) -> float:
+    """The share of prompts whose images all got advantage 0 (all scored the same: they teach nothing)."""
+    flat = [float((advantages[[i for i, q in enumerate(prompts) if q == p]] == 0).all()) for p in set(prompts)]
+    return sum(flat) / len(flat)
+
+
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
               kl: torch.Tensor, clip_range: float, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate of one step of B chains plus beta * KL.
@@ -107,8 +113,7 @@ class GRPO:
         """(B,) group-relative advantages for the all-process batch, and the share of groups whose
         images all scored the same (they teach nothing)."""
         advantages = group_advantages(prompts, rewards, self.global_std)
-        flat = [float((advantages[[i for i, q in enumerate(prompts) if q == p]] == 0).all()) for p in set(prompts)]
-        return advantages, {"groups_without_signal": sum(flat) / len(flat)}
+        return advantages, {"groups_without_signal": groups_without_signal(prompts, advantages)}
 
     def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The loss of recorded step `step_index` (b,) of each chain of the minibatch."""

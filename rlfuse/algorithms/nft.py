@@ -57,7 +57,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlfuse.algorithms.grpo import group_advantages
+from rlfuse.algorithms.grpo import group_advantages, groups_without_signal
 from rlfuse.errors import UserError
 from rlfuse.lora import lora_layers
 from rlfuse.policy import Policy
@@ -197,8 +197,7 @@ class NFT:
         """(B,) group-normalised rewards (r is taken from them in the loss) and the share of groups
         whose images all scored the same (r = 1/2 for all: they teach nothing)."""
         advantages = group_advantages(prompts, rewards, self.global_std)
-        flat = [float((advantages[[i for i, q in enumerate(prompts) if q == p]] == 0).all()) for p in set(prompts)]
-        return advantages, {"groups_without_signal": sum(flat) / len(flat)}
+        return advantages, {"groups_without_signal": groups_without_signal(prompts, advantages)}
 
     def loss(self, policy: Policy, batch: Trajectories, step_index: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Noise each clean sample to the noise level of schedule step `step_index` (b,) with fresh noise
@@ -208,14 +207,13 @@ class NFT:
         timesteps = batch.timesteps[rows, step_index]                        # (b,) on the 0-1000 scale
         noise = torch.randn(x0.shape, dtype=x0.dtype).to(x0.device)
         x_t, _ = policy.sampler.forward_noising(x0, noise, timesteps)
-        with torch.no_grad(), active_adapter(self.layers, OLD_ADAPTER):
-            v_old = policy.family.predict(self.network, x_t, timesteps, batch.conditioning, 1.0)
-        v_theta = policy.family.predict(policy.network, x_t, timesteps, batch.conditioning, 1.0)
+        with torch.no_grad(), active_adapter(self.layers, OLD_ADAPTER):  # CFG-free: the conditional branch
+            v_old = policy.predict(x_t, timesteps, batch.conditioning, guided=False)
+        v_theta = policy.predict(x_t, timesteps, batch.conditioning, guided=False)
         r = optimality_probability(batch.advantages, self.adv_clip_max)
         loss, stats = nft_loss(v_theta, v_old, x_t, x0, timesteps.float() / 1000.0, r, self.beta, self.adv_clip_max)
         if self.kl_beta > 0:
-            with policy.reference() as reference:
-                v_ref = policy.family.predict(reference, x_t, timesteps, batch.conditioning, 1.0)
+            v_ref = policy.predict(x_t, timesteps, batch.conditioning, reference=True, guided=False)
             kl = ((v_theta.float() - v_ref.float()) ** 2).mean()
             loss = loss + self.kl_beta * kl
             stats["kl"] = kl.detach()

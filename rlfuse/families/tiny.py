@@ -85,14 +85,19 @@ def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_c
     )
 
 
-def build_text_encoder(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
-    """A small CLIPTextModel whose vocabulary and positions match the tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(tokenizer, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                       projection_dim: int | None = None):
+    """A small CLIPTextModel whose vocabulary and positions match the tokenizer; with projection_dim, a
+    CLIPTextModelWithProjection (the class of SD3's and FLUX's CLIP encoders)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model_class(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **extra,
     ))
 
 
@@ -150,14 +155,9 @@ def tiny_flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
 
 def tiny_clip_with_projection(tokenizer, seed: int):
     """A tiny CLIPTextModelWithProjection (hidden 32, 2 layers, projection 32): SD3's and FLUX's CLIP class."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).eval()
+    return build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                              projection_dim=32).eval()
 
 
 def build_tiny_sd3(seed: int = 0, num_merges: int = 2000, max_length: int = 16):

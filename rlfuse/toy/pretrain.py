@@ -291,6 +291,12 @@ class UNetDenoiser:
     def assemble(self, vae, tokenizer, modules: dict):
         return assemble_pipeline(vae, modules["text_encoder"], tokenizer, modules["unet"], tiny_scheduler())
 
+    def family(self, pipeline):
+        """The pipeline as the training loop sees it (model.family sd)."""
+        from rlfuse.families.sd import StableDiffusion
+
+        return StableDiffusion(pipeline)
+
     def loss(self, latents: torch.Tensor, captions: list[str], noise: torch.Generator) -> torch.Tensor:
         """MSE between the predicted and the true epsilon at a uniform DDPM timestep."""
         epsilon = torch.randn(latents.shape, generator=noise)
@@ -310,15 +316,10 @@ class FlowDenoiser:
 
     def __init__(self, cfg: DictConfig, tokenizer, latent_channels: int, latent_size: int, prompts: Sequence[str]):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         text_cfg, net_cfg = cfg.text_encoder, cfg.transformer
-        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=text_cfg.hidden_size, intermediate_size=text_cfg.intermediate_size,
-            num_hidden_layers=text_cfg.num_layers, num_attention_heads=text_cfg.num_heads,
-            max_position_embeddings=tokenizer.model_max_length, projection_dim=text_cfg.projection_dim,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)) for _ in range(2)]
+        encoders = [build_text_encoder(tokenizer, text_cfg.hidden_size, text_cfg.num_layers, text_cfg.num_heads,
+                                       text_cfg.intermediate_size, text_cfg.projection_dim) for _ in range(2)]
         # encode_prompt puts the two encoders' states side by side (2 x hidden) and their pooled
         # projections side by side (2 x projection).
         transformer = SD3Transformer2DModel(
@@ -346,6 +347,12 @@ class FlowDenoiser:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    def family(self, pipeline):
+        """The pipeline as the training loop sees it (model.family sd3, model=toy_flow's T5 length)."""
+        from rlfuse.families.sd3 import StableDiffusion3
+
+        return StableDiffusion3(pipeline, self.pipeline_kwargs["max_sequence_length"])
+
     def loss(self, latents: torch.Tensor, captions: list[str], noise: torch.Generator) -> torch.Tensor:
         """MSE between the predicted and the true velocity eps - x_0 at a logit-normal noise level s,
         shifted as FlowMatchEulerDiscreteScheduler shifts its sigmas: s' = shift s / (1 + (shift - 1) s)."""
@@ -365,28 +372,19 @@ class FlowDenoiser:
 DENOISERS = {"sd": UNetDenoiser, "sd3": FlowDenoiser}
 
 
-def prompt_embeddings(pipeline, prompts: list[str], **pipeline_kwargs) -> torch.Tensor:
-    """(B, L, D) the prompt embeddings the pipeline's denoiser attends to, as its encode_prompt computes them."""
-    from diffusers import StableDiffusionPipeline
-
-    with torch.no_grad():
-        if isinstance(pipeline, StableDiffusionPipeline):
-            return pipeline.encode_prompt(prompts, torch.device("cpu"), 1, False)[0]
-        return pipeline.encode_prompt(prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=torch.device("cpu"),
-                                      do_classifier_free_guidance=False, **pipeline_kwargs)[0]
-
-
 # Edits of a relation caption: the relation replaced (name -> (old, new)), or the first colour word
 # replaced by the next colour of the palette.
 RELATION_SWAPS = {"left of -> right of": ("left of", "right of"), "above -> below": ("above", "below"),
                   "left of -> above": ("left of", "above"), "first colour": (None, None)}
 
 
-def relation_sensitivity(pipeline, prompts: Sequence[str], **pipeline_kwargs) -> dict[str, float]:
+def relation_sensitivity(family, prompts: Sequence[str]) -> dict[str, float]:
     """How much the prompt embedding changes, as a fraction of its norm (mean over the relation
     captions of `prompts` that the edit applies to), under each edit of RELATION_SWAPS:
-    ||e(edited) - e(caption)|| / ||e(caption)||. A text encoder that hardly tells "left of" from
-    "right of" gives a small first number, and no denoiser conditioned on it can learn the direction."""
+    ||e(edited) - e(caption)|| / ||e(caption)||, e the prompt embeddings (B, L, D) the model family
+    conditions the denoiser on in training (rlfuse.families). A text encoder that hardly tells "left
+    of" from "right of" gives a small first number, and no denoiser conditioned on it can learn the
+    direction."""
     import dataclasses
 
     from rlfuse.toy.world import COLOURS
@@ -407,8 +405,9 @@ def relation_sensitivity(pipeline, prompts: Sequence[str], **pipeline_kwargs) ->
                 changed = dataclasses.replace(parsed, relation=new)
             originals.append(prompt), edited.append(caption_for(changed))
         if originals:
-            before = prompt_embeddings(pipeline, originals, **pipeline_kwargs).flatten(1)
-            after = prompt_embeddings(pipeline, edited, **pipeline_kwargs).flatten(1)
+            with torch.no_grad():
+                before, after = (family.encode_prompts(texts, torch.device("cpu"))["prompt_embeds"].flatten(1)
+                                 for texts in (originals, edited))
             result[name] = float(((after - before).norm(dim=1) / before.norm(dim=1)).mean())
     return result
 
@@ -619,8 +618,7 @@ def pretrain(cfg: DictConfig) -> float:
                                        cfg.eval.seed, cfg.eval.batch_size, **denoiser.pipeline_kwargs)
         log.info("final eval (saved EMA pipeline, %d held-out captions) | %s | %.0f s", len(eval_prompts),
                  describe(final_eval), time.perf_counter() - eval_started)
-        record["relation_sensitivity"] = relation_sensitivity(saved, train_prompts + heldout_prompts,
-                                                              **denoiser.pipeline_kwargs)
+        record["relation_sensitivity"] = relation_sensitivity(denoiser.family(saved), train_prompts + heldout_prompts)
         log.info("prompt embedding change: %s", " | ".join(f"{name} {100 * value:.1f}%" for name, value
                                                            in record["relation_sensitivity"].items()))
         shutil.rmtree(final_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ import pytest
 from rlfuse.annotate.store import preference_pairs
 
 from annotate_helpers import start_server_process, write_dataset
+from tests import raw_http
 
 
 def stored_rows(folder) -> list[tuple]:
@@ -261,13 +262,7 @@ def test_an_oversized_body_is_refused_from_its_length_without_being_read(dataset
 
 
 def raw_exchange(client, request: bytes) -> tuple[int, dict]:
-    with socket.create_connection((client.host, client.port), timeout=10) as connection:
-        connection.sendall(request)
-        reply = b""
-        while chunk := connection.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    return raw_http.raw_exchange(client.host, client.port, request)
 
 
 def test_deep_json_and_a_body_shorter_than_its_length_are_4xx(dataset_dir, serve_dataset):

@@ -31,6 +31,7 @@ from rlfuse.errors import UserError
 from rlfuse.reward_server import check_args, serve
 from rlfuse.rewards.http import TOKEN_ENV, HttpReward, encode_png, to_uint8
 from rlfuse.rewards.jpeg import JpegReward
+from tests import raw_http
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -70,14 +71,8 @@ def post(url: str, body: bytes, headers: dict | None = None, method: str = "POST
 
 
 def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, dict]:
-    """Send bytes, read the answer until the server closes: (status, JSON body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(request)
-        reply = b""
-        while chunk := connection.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    """Send bytes to the server on loopback, read the answer until it closes: (status, JSON body)."""
+    return raw_http.raw_exchange("127.0.0.1", port, request, timeout)
 
 
 def proc_status(pid: int, key: str) -> int:
