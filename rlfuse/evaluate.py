@@ -144,6 +144,15 @@ def plot_curves(metrics_file: Path, out: Path) -> list[str]:
     return written
 
 
+def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Mean scores before and after, their change, and the change's standard error: base and fine-tuned images
+    share their noise, so the change is the mean of per-image differences and its error is theirs."""
+    differences = after - before
+    stderr = float(differences.std() / math.sqrt(len(differences))) if len(differences) > 1 else float("nan")
+    return {"base": float(before.mean()), "finetuned": float(after.mean()), "change": float(differences.mean()),
+            "stderr": stderr}
+
+
 def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts: int, images_per_prompt: int,
              out: Path | None, seed: int = 1234) -> dict:
     """Sample base and fine-tuned images at fixed seeds, score, compare; write the report. Returns its numbers."""
@@ -178,9 +187,7 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
     for name, fn in reward_fns.items():
         before = score(fn, base_images, prompts).scores.float()
         after = score(fn, tuned_images, prompts).scores.float()
-        scores[name] = {"base": float(before.mean()), "finetuned": float(after.mean()),
-                        "change": float(after.mean() - before.mean()),
-                        "stderr": float(torch.cat([before, after]).std() / math.sqrt(len(prompts))),
+        scores[name] = {**paired_change(before, after),
                         "trained_on": name == run_cfg.reward.name}
     report = {
         "run": str(run_dir), "checkpoint": str(checkpoint), "algorithm": run_cfg.algorithm.name,
@@ -211,7 +218,7 @@ def render_markdown(report: dict, prompt_list: list[str]) -> str:
              f"Run `{report['run']}`, checkpoint `{Path(report['checkpoint']).name}`. {report['prompts']} held-out "
              f"prompts x {report['images_per_prompt']} images, base and fine-tuned from the same noise "
              f"(seed {report['seed']}).", "",
-             "| reward | base | fine-tuned | change | std. error | trained on |", "|---|---|---|---|---|---|"]
+             "| reward | base | fine-tuned | change | std. error of the change (paired) | trained on |", "|---|---|---|---|---|---|"]
     for name, v in report["scores"].items():
         lines.append(f"| {name} | {v['base']:.4f} | {v['finetuned']:.4f} | {v['change']:+.4f} | {v['stderr']:.4f} | "
                      f"{'yes' if v['trained_on'] else 'no'} |")

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rlfuse.cli import fail
@@ -54,6 +55,9 @@ TOY_COMMON = [
     "algorithm.timestep_fraction=1.0", f"eval.every={TOY_EPOCHS}", "eval.num_images=8", "checkpoint.every=1000",
     "log.images_every=0", "progress=false", "model.finetune=full",
 ]
+# The evaluation after training: 32 held-out prompts x 4 images, base and fine-tuned from the same noise, so that a
+# change of a few hundredths shows beyond two standard errors of the paired difference.
+TOY_EVAL_SIZE = ["--num-prompts", "32", "--images-per-prompt", "4"]
 TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # Models: JPEG rewards need no weights and run on model=tiny (random, learns JPEG size in a minute);
 # learned reward models (aesthetic, CLIP, ImageReward) have no weights here, so those experiments run
@@ -184,71 +188,85 @@ def check_paper_scale(names: list[str]) -> int:
     return torch.cuda.device_count()
 
 
-def run(command: list[str], log_file: Path) -> float:
+def run(command: list[str], log_file: Path, env: dict[str, str]) -> float:
     """Run a command, its output to log_file; returns seconds. Raises UserError when it fails."""
     start = time.perf_counter()
     with log_file.open("w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         tail = log_file.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"`{' '.join(command[:6])} ...` failed (exit {result.returncode}): {tail[0]} (log: {log_file})")
     return time.perf_counter() - start
 
 
-def reproduce(scale: str, out: Path, only: list[str]) -> Path:
+def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
+    """Run the experiments (all, or `only`), `jobs` at a time, and write <out>/REPORT.md; returns its path."""
     names = only or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise UserError(f"--only {unknown[0]}: no such experiment; valid: {', '.join(EXPERIMENTS)}")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give 1 or more experiments to run at a time")
     gpus = check_paper_scale(names) if scale == "paper" else 0
     out.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    results, start = [], time.perf_counter()
-    for name in names:
-        paper, published, rewards = EXPERIMENTS[name]
-        row = {"experiment": name, "paper": paper, "published": published}
-        missing = needs_inputs(name) if scale == "paper" else None
-        overrides, settings = [], []
-        if scale == "toy":
-            if experiment_config(name).feedback.name == "human":
-                missing = "feedback.path (a labelled dataset: people's choices)"
-            else:
-                overrides, rewards, settings = toy_overrides(name)
-        if missing:
-            row["status"] = f"not run: needs {missing}"
-            results.append(row)
-            print(f"{name}: {row['status']}", flush=True)
-            continue
-        run_root = out / "runs" / name
-        shutil.rmtree(run_root, ignore_errors=True)  # a fresh run each time (this driver's own folder)
-        accelerate = str(Path(python).parent / "accelerate")
-        launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", str(gpus)] if gpus > 1 else [python]
-        evaluation = out / "evaluations" / name
-        try:  # one failed experiment is reported, and the others still run
-            train_seconds = run([*launcher, "-m", "rlfuse.train", f"experiment={name}", *overrides,
-                                 f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")],
-                                out / f"{name}.train.log")
-            eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
-                                *(f"--set={s}" for s in settings), "--num-prompts", "4", "--images-per-prompt", "2",
-                                "--out", str(evaluation)], out / f"{name}.evaluate.log")
-        except UserError as error:
-            row["status"] = f"failed: {str(error).replace('|', '/')}"
-            results.append(row)
-            print(f"{name}: {row['status']}", flush=True)
-            continue
-        report = json.loads((evaluation / "report.json").read_text())
-        row.update(status="done", train_seconds=train_seconds, eval_seconds=eval_seconds, overrides=overrides,
-                   evaluation=str(evaluation.relative_to(out)), **{k: report[k] for k in ("reward", "model", "scores",
-                                                                                            "diversity", "drift")})
-        row["curve"] = eval_curve(run_root / "run" / "metrics.jsonl")
-        results.append(row)
-        trained = report["scores"].get(report["reward"]) or next(iter(report["scores"].values()))
-        print(f"{name}: {report['reward']} {trained['base']:.4f} -> {trained['finetuned']:.4f} "
-              f"({train_seconds + eval_seconds:.0f} s)", flush=True)
+    start = time.perf_counter()
+    # Experiments at a time share the CPU cores: each process gets its share of threads.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each experiment is subprocesses: threads only wait
+        results = list(pool.map(lambda name: run_experiment(name, scale, out, gpus, threads), names))
     total = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps({"scale": scale, "seconds": total, "results": results}, indent=2))
-    (out / "REPORT.md").write_text(render(scale, results, total))
+    (out / "results.json").write_text(json.dumps({"scale": scale, "seconds": total, "jobs": jobs,
+                                                  "results": results}, indent=2))
+    (out / "REPORT.md").write_text(render(scale, results, total, jobs))
     return out / "REPORT.md"
+
+
+def run_experiment(name: str, scale: str, out: Path, gpus: int, threads: int) -> dict:
+    """Train and evaluate one experiment; its row of the report (status "done", "not run: ..." or "failed: ...")."""
+    python = sys.executable
+    paper, published, rewards = EXPERIMENTS[name]
+    row = {"experiment": name, "paper": paper, "published": published}
+    missing = needs_inputs(name) if scale == "paper" else None
+    overrides, settings = [], []
+    evaluation_size = ["--num-prompts", "4", "--images-per-prompt", "2"] if scale == "paper" else TOY_EVAL_SIZE
+    if scale == "toy":
+        if experiment_config(name).feedback.name == "human":
+            missing = "feedback.path (a labelled dataset: people's choices)"
+        else:
+            overrides, rewards, settings = toy_overrides(name)
+    if missing:
+        row["status"] = f"not run: needs {missing}"
+        print(f"{name}: {row['status']}", flush=True)
+        return row
+    run_root = out / "runs" / name
+    shutil.rmtree(run_root, ignore_errors=True)  # a fresh run each time (this driver's own folder)
+    accelerate = str(Path(python).parent / "accelerate")
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", str(gpus)] if gpus > 1 else [python]
+    evaluation = out / "evaluations" / name
+    env = {**os.environ} if scale == "paper" else {**os.environ, "OMP_NUM_THREADS": str(threads),
+                                                   "MKL_NUM_THREADS": str(threads)}
+    try:  # one failed experiment is reported, and the others still run
+        train_seconds = run([*launcher, "-m", "rlfuse.train", f"experiment={name}", *overrides,
+                             f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")],
+                            out / f"{name}.train.log", env)
+        eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
+                            *(f"--set={s}" for s in settings), *evaluation_size, "--out", str(evaluation)],
+                           out / f"{name}.evaluate.log", env)
+    except UserError as error:
+        row["status"] = f"failed: {str(error).replace('|', '/')}"
+        print(f"{name}: {row['status']}", flush=True)
+        return row
+    report = json.loads((evaluation / "report.json").read_text())
+    row.update(status="done", train_seconds=train_seconds, eval_seconds=eval_seconds, overrides=overrides,
+               evaluation=str(evaluation.relative_to(out)), **{k: report[k] for k in ("reward", "model", "scores",
+                                                                                        "diversity", "drift")},
+               images=report["prompts"] * report["images_per_prompt"])
+    row["curve"] = eval_curve(run_root / "run" / "metrics.jsonl")
+    trained = report["scores"].get(report["reward"]) or next(iter(report["scores"].values()))
+    print(f"{name}: {report['reward']} {trained['base']:.4f} -> {trained['finetuned']:.4f} "
+          f"({trained['change'] / trained['stderr'] if trained['stderr'] else 0:+.1f} standard errors; "
+          f"{train_seconds + eval_seconds:.0f} s)", flush=True)
+    return row
 
 
 def eval_curve(metrics_file: Path) -> list[tuple[int, float]]:
@@ -256,10 +274,18 @@ def eval_curve(metrics_file: Path) -> list[tuple[int, float]]:
     return [(r["epoch"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]
 
 
-def render(scale: str, results: list[dict], seconds: float) -> str:
+def verdict(score: dict) -> str:
+    """Whether a paired change (same seeds) shows beyond two standard errors: "rose", "fell" or "no clear change"."""
+    if score["stderr"] > 0 and abs(score["change"]) > 2 * score["stderr"]:
+        return "rose" if score["change"] > 0 else "fell"
+    return "no clear change"
+
+
+def render(scale: str, results: list[dict], seconds: float, jobs: int = 1) -> str:
     lines = [f"# Reproducing the papers ({scale} scale)", "",
              f"{sum(r['status'] == 'done' for r in results)} of {len(results)} experiments run in "
-             f"{seconds / 60:.1f} minutes. Made by `python -m rlfuse.reproduce --scale {scale}`.", ""]
+             f"{seconds / 60:.1f} minutes, {jobs} at a time. Made by "
+             f"`python -m rlfuse.reproduce --scale {scale} --jobs {jobs}`.", ""]
     if scale == "toy":
         lines += ["Toy scale is a check of the whole path (configs, training, evaluation, report), not a "
                   "reproduction: JPEG experiments on `model=tiny` (random weights), learned-reward experiments on "
@@ -268,18 +294,20 @@ def render(scale: str, results: list[dict], seconds: float) -> str:
                   f"{TOY_EPOCHS} epochs of 8 samples, full fine-tuning at the learning rates measured for these "
                   "models. Unseen rewards on a random tiny CLIP check the machinery only.", ""]
     lines += ["| experiment | paper | published | trained reward: held-out during training | base -> fine-tuned "
-              "(evaluation, same seeds) | other rewards (change) | diversity base -> tuned | drift (pixel RMS) | "
-              "minutes |", "|---|---|---|---|---|---|---|---|---|"]
+              "(evaluation, same seeds; change ± its standard error) | verdict (beyond 2 standard errors) | "
+              "other rewards (change) | diversity base -> tuned | drift (pixel RMS) | minutes |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] != "done":
-            lines.append(f"| {r['experiment']} | {r['paper']} | {r['published']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['experiment']} | {r['paper']} | {r['published']} | {r['status']} | | | | | | |")
             continue
         trained = r["scores"].get(r["reward"]) or next(iter(r["scores"].values()))
         curve = " -> ".join(f"{v:.3f}" for _, v in r["curve"])
         others = ", ".join(f"{n} {v['change']:+.3f}" for n, v in r["scores"].items() if n != r["reward"])
         lines.append(f"| [{r['experiment']}]({r['evaluation']}/REPORT.md) | {r['paper']} | {r['published']} | "
                      f"{r['reward']} ({r['model']}): {curve} | {trained['base']:.4f} -> {trained['finetuned']:.4f} "
-                     f"(± {trained['stderr']:.4f}) | {others} | {r['diversity']['base']:.3f} -> "
+                     f"({trained['change']:+.4f} ± {trained['stderr']:.4f}, {r['images']} images) | "
+                     f"{verdict(trained)} | {others} | {r['diversity']['base']:.3f} -> "
                      f"{r['diversity']['finetuned']:.3f} | {r['drift']['pixel_rms']:.3f} | "
                      f"{(r['train_seconds'] + r['eval_seconds']) / 60:.1f} |")
     lines += ["", "Published: the paper's own number where its text gives one, else the figure to read (most results "
@@ -294,9 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=("paper", "toy"), default="paper", help="paper: GPUs, hub weights | toy: CPU")
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"), help="report folder")
     parser.add_argument("--only", default="", help="comma-separated experiment names (default: all)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="experiments run at a time (default: one per CPU core at toy scale, 1 at paper scale)")
     args = parser.parse_args(argv)
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if args.scale == "toy" else 1
     try:
-        report = reproduce(args.scale, args.out, [n for n in args.only.split(",") if n])
+        report = reproduce(args.scale, args.out, [n for n in args.only.split(",") if n], jobs)
     except UserError as error:
         fail(str(error))
     print(f"report: {report}")

@@ -208,3 +208,30 @@ def test_evaluate_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, expec
     code, stderr = run_main(main, [a.format(tmp=tmp_path) for a in args], capsys)
     assert code == 2 and expected in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_the_change_is_a_paired_difference_with_the_standard_error_of_its_mean():
+    from rlfuse.evaluate import paired_change
+
+    before = torch.tensor([0.2, 0.5, 0.9, 0.4])
+    after = torch.tensor([0.3, 0.7, 0.9, 0.6])  # differences 0.1, 0.2, 0.0, 0.2: mean 0.125
+    numbers = paired_change(before, after)
+    assert numbers["base"] == pytest.approx(0.5) and numbers["finetuned"] == pytest.approx(0.625)
+    assert numbers["change"] == pytest.approx(0.125)
+    # sample standard deviation of the differences: sqrt(((-.025)^2 + .075^2 + (-.125)^2 + .075^2) / 3) = 0.0957
+    assert numbers["stderr"] == pytest.approx(0.095743 / 2, rel=1e-4)
+    # the spread of the scores themselves does not enter: a constant shift has no error
+    assert paired_change(before, before + 0.1)["stderr"] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("change, stderr, expected", [
+    (0.05, 0.02, "rose"), (-0.05, 0.02, "fell"), (0.03, 0.02, "no clear change"), (0.1, float("nan"), "no clear change"),
+])
+def test_the_report_calls_a_change_only_beyond_two_standard_errors(change, stderr, expected):
+    assert reproduce.verdict({"change": change, "stderr": stderr}) == expected
+
+
+def test_reproduce_refuses_zero_jobs_in_one_line(tmp_path, capsys):
+    code, stderr = run_main(reproduce.main, ["--scale", "toy", "--jobs", "0", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--jobs 0" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
