@@ -598,16 +598,16 @@ def test_every_ddim_algorithm_trains_an_epoch_on_tiny_sdxl_and_exports_its_lora(
     runs = {p.parent.name: p.parent for p in tmp_path.glob("multirun/**/metrics.jsonl")}
     assert sorted(runs) == [f"{i}_{a}_jpeg_tiny_sdxl" for i, a in enumerate(["ddpo", "d3po", "dpok", "rwr", "grpo"])]
     assert all(math.isfinite(metrics(run)[0]["loss"]) for run in runs.values())
-    base = build_tiny_sdxl(seed=0)
-    base.save_pretrained(tmp_path / "base")
+    build_tiny_sdxl(seed=0).save_pretrained(tmp_path / "base")
     pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base")
     latents, timestep = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
     with torch.no_grad():
         before = pipeline.unet(latents, timestep, torch.zeros(1, 16, 64), added_cond_kwargs=added).sample
         for name, run in runs.items():
-            pipeline.load_lora_weights(run / "checkpoints" / "epoch_000001" / "lora", adapter_name=name[2:6])
-            pipeline.set_adapters([name[2:6]])
+            algorithm = name.split("_")[1]
+            pipeline.load_lora_weights(run / "checkpoints" / "epoch_000001" / "lora", adapter_name=algorithm)
+            pipeline.set_adapters([algorithm])
             after = pipeline.unet(latents, timestep, torch.zeros(1, 16, 64), added_cond_kwargs=added).sample
             assert not torch.equal(after, before), name
 
