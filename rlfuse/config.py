@@ -144,7 +144,7 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
     check(sample_cfg.eta > 0 or likelihood_free,
           f"sample.eta={sample_cfg.eta}: must be > 0, or the sampler has no log-probabilities")
     check(0 < algo.timestep_fraction <= 1, f"algorithm.timestep_fraction={algo.timestep_fraction}: must be in (0, 1]")
-    ddim = family_of(cfg).name == "sd"  # a DDIM step's std is at most eta; a flow step's may exceed it
+    ddim = family_of(cfg).name in ("sd", "sdxl")  # a DDIM step's std is at most eta; a flow step's may exceed it
     check(0 <= algo.min_step_std and (algo.min_step_std < sample_cfg.eta or not ddim or likelihood_free),
           f"algorithm.min_step_std={algo.min_step_std}: must be in [0, sample.eta={sample_cfg.eta}) (a step's std is "
           f"at most eta)")
@@ -247,7 +247,7 @@ def preflight(cfg: DictConfig) -> Checked:
         raise UserError(f"model.pretrained={cfg.model.pretrained}: not a complete {family.name} pipeline folder "
                         f"({str(error).strip().splitlines()[0][:160]}); point it at a folder save_pretrained wrote") \
             from None
-    check(cfg.hardware.attention != "eager" or family.name == "sd",
+    check(cfg.hardware.attention != "eager" or family.name in ("sd", "sdxl"),
           f"hardware.attention=eager: plain-matmul attention is for UNet models; model={cfg.model.name} "
           f"(family {family.name}) uses its own attention processors: use hardware.attention=sdpa")
     sde_type = cfg.sample.sde_type

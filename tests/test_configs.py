@@ -15,7 +15,7 @@ GROUPS = [g for g in config_groups() if g != "experiment"]
 # Algorithm, reward and model family interact (d3po changes sampling keys; families differ in keys):
 # every algorithm x reward x family (one model of each) composes and builds; every other choice,
 # each model included, is composed once with the defaults.
-FAMILY_MODELS = ["model=tiny", "model=tiny_sd3", "model=tiny_flux"]  # families sd, sd3, flux
+FAMILY_MODELS = ["model=tiny", "model=tiny_sdxl", "model=tiny_sd3", "model=tiny_flux"]  # families sd, sdxl, sd3, flux
 CORE = ("algorithm", "reward")
 COMBINATIONS = list(itertools.product(*[[f"{g}={c}" for c in group_choices(g)] for g in CORE], FAMILY_MODELS))
 COMBINATIONS += [(f"{g}={c}",) for g in GROUPS if g not in CORE for c in group_choices(g)]
@@ -90,7 +90,7 @@ def run_cli(*args: str) -> Result:
 @pytest.mark.parametrize("args, expected", [
     (["nonsense_key=1"], "unknown config key 'nonsense_key'"),
     (["sample.num_stepz=3"], "unknown config key 'sample.num_stepz'"),
-    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy, toy_flow"),
+    (["model=sd99"], "valid choices: flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, sdxl, tiny, tiny_flux, tiny_sd3, tiny_sdxl, toy, toy_flow"),
     (["sample.eta=fast"], "'sample.eta' must be a float"),
     (["epochs=2.5"], "'epochs' must be an int"),
     (["sample.eta=0"], "must be > 0"),
@@ -115,7 +115,7 @@ def run_cli(*args: str) -> Result:
     (["model.resolution=33"], "model.resolution=33: must be a positive multiple of 2 for model=toy"),
     (["model=tiny", "reward=jpeg", "prompts=simple_animals", "model.resolution=31"],
      "model.resolution=31: must be a positive multiple of 2 for model=tiny"),
-    (["model.family=sd4"], "model.family='sd4': no such model family; valid: flux, sd, sd3"),
+    (["model.family=sd4"], "model.family='sd4': no such model family; valid: flux, sd, sd3, sdxl"),
     (["sample.sde_type=cps"], "sample.sde_type=cps: model=toy takes null (its DDIM sampler has no SDE type"),
     (["model=tiny_sd3", "reward=jpeg", "prompts=simple_animals", "sample.sde_type=ode"],
      "sample.sde_type=ode: model=tiny_sd3 takes null, sde, cps"),
@@ -140,6 +140,13 @@ def run_cli(*args: str) -> Result:
      "with a replay buffer the updates per epoch are algorithm.objective.replay_buffer.updates_per_round"),
     (["algorithm=rwr", "algorithm.objective.prediction=unguided"], "algorithm.objective: prediction='unguided'"),
     (["algorithm=nft"], "algorithm=nft trains flow models on the velocity target: model=toy is a sd (DDIM) model"),
+    (["algorithm=nft", "model=tiny_sdxl"], "algorithm=nft trains flow models on the velocity target: model=tiny_sdxl is a "
+                                           "sdxl (DDIM) model"),
+    (["model=sdxl", "reward=jpeg", "prompts=simple_animals"], "model.pretrained='stabilityai/stable-diffusion-xl-base-1.0': "
+                                                              "not in the Hugging Face cache"),
+    (["model=tiny_sdxl", "sample.sde_type=cps"], "sample.sde_type=cps: model=tiny_sdxl takes null"),
+    (["model=tiny_sdxl", "algorithm.min_step_std=1.0"], "algorithm.min_step_std=1.0: must be in [0, sample.eta=1.0)"),
+    (["model=tiny_sdxl", "model.resolution=33"], "model.resolution=33: must be a positive multiple of 2 for model=tiny_sdxl"),
     (["algorithm=nft", "model=tiny_sd3", "model.finetune=full"], "second LoRA adapter: set model.finetune=lora"),
     (["algorithm=nft", "model=tiny_sd3", "sample.sde_window.size=2"], "sample.sde_window: algorithm=nft samples with"),
 ])
@@ -181,4 +188,4 @@ def test_help_lists_groups_and_choices():
     assert result.returncode == 0
     for group in config_groups():
         assert f"{group}:" in result.stdout
-    assert "flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, tiny, tiny_flux, tiny_sd3, toy, toy_flow" in result.stdout
+    assert "flux_dev, flux_schnell, sd14, sd15, sd21, sd3, sd35l, sd35m, sdxl, tiny, tiny_flux, tiny_sd3, tiny_sdxl, toy, toy_flow" in result.stdout

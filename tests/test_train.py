@@ -577,3 +577,63 @@ def test_each_older_algorithm_raises_the_jpeg_reward_on_tiny_sd3(tmp_path, algor
                     "checkpoint.every=100")
     rewards = [row["reward_mean"] for row in metrics(run_dir)]
     assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > margin, rewards
+
+
+# ----------------------------------------------------------------------------- SDXL (tiny_sdxl, DDIM)
+
+TINY_SDXL = ["model=tiny_sdxl", "reward=jpeg", "prompts=simple_animals", "hardware.sample_batch_size=4",
+             "hardware.train_batch_size=4", "sample.num_steps=4", "eval.every=0", "log.images_every=0", "progress=false"]
+
+
+def test_every_ddim_algorithm_trains_an_epoch_on_tiny_sdxl_and_exports_its_lora(tmp_path):
+    """DDPO, D3PO, DPOK, RWR and GRPO on the SDXL family (pooled text and size conditioning carried with
+    the chains); each run's LoRA export is a diffusers LoRA folder that moved the UNet."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from rlfuse.families.tiny import build_tiny_sdxl
+
+    result = run_train(tmp_path, "-m", "algorithm=ddpo,d3po,dpok,rwr,grpo", *TINY_SDXL, "epochs=1",
+                       "sample.images_per_prompt=2", "sample.same_noise_per_prompt=true", "algorithm.min_step_std=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {p.parent.name: p.parent for p in tmp_path.glob("multirun/**/metrics.jsonl")}
+    assert sorted(runs) == [f"{i}_{a}_jpeg_tiny_sdxl" for i, a in enumerate(["ddpo", "d3po", "dpok", "rwr", "grpo"])]
+    assert all(math.isfinite(metrics(run)[0]["loss"]) for run in runs.values())
+    build_tiny_sdxl(seed=0).save_pretrained(tmp_path / "base")
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "base")
+    latents, timestep = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    with torch.no_grad():
+        before = pipeline.unet(latents, timestep, torch.zeros(1, 16, 64), added_cond_kwargs=added).sample
+        for name, run in runs.items():
+            algorithm = name.split("_")[1]
+            pipeline.load_lora_weights(run / "checkpoints" / "epoch_000001" / "lora", adapter_name=algorithm)
+            pipeline.set_adapters([algorithm])
+            after = pipeline.unet(latents, timestep, torch.zeros(1, 16, 64), added_cond_kwargs=added).sample
+            assert not torch.equal(after, before), name
+
+
+def test_grpo_on_tiny_sdxl_with_the_policy_unchanged_gives_ratio_one_and_zero_kl_under_bf16(tmp_path):
+    """Sampling and training score each DDIM transition identically with SDXL's conditioning, under
+    bf16 autocast (frozen encoders in bf16); the KL to the reference (LoRA off) is 0 at lr 0."""
+    run_dir = train(tmp_path, *TINY_SDXL, "algorithm=grpo", "algorithm.objective.beta=0.1",
+                    "hardware.mixed_precision=bf16", "epochs=1", "algorithm.learning_rate=0",
+                    "algorithm.adam_weight_decay=0")
+    row = metrics(run_dir)[0]
+    assert row["clipfrac"] == 0 and row["approx_kl"] < 1e-10 and row["kl"] == 0, row
+
+
+@pytest.mark.slow
+def test_grpo_on_sdxl_from_a_pipeline_folder_resumed_from_its_middle_ends_bit_identical(tmp_path):
+    """model=sdxl's code path (a StableDiffusionXLPipeline folder through model.pretrained, as SDXL base
+    loads) on the tiny pipeline saved to disk; resume restores the run exactly."""
+    from rlfuse.families.tiny import build_tiny_sdxl
+
+    build_tiny_sdxl(seed=0).save_pretrained(tmp_path / "pipe")
+    args = [*TINY_SDXL, "model=sdxl", f"model.pretrained={tmp_path / 'pipe'}", "model.resolution=32",
+            "algorithm=grpo", "algorithm.learning_rate=1e-3", "checkpoint.every=2", "checkpoint.keep=0",
+            "algorithm.inner_epochs=2"]
+    full = train(tmp_path / "a", *args, "epochs=4")
+    train(tmp_path / "b", *args, "epochs=2")
+    resumed = train(tmp_path / "b", *args, "epochs=4", "resume=auto")
+    assert_same_final_run(full, resumed)
+    assert (full / "checkpoints" / "epoch_000004" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -14,8 +14,8 @@ from rlfuse.errors import UserError
 from rlfuse.trajectories import Conditioning
 
 # model.family -> "module:class"
-FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion", "sd3": "rlfuse.families.sd3:StableDiffusion3",
-            "flux": "rlfuse.families.flux:Flux"}
+FAMILIES = {"sd": "rlfuse.families.sd:StableDiffusion", "sdxl": "rlfuse.families.sdxl:StableDiffusionXL",
+            "sd3": "rlfuse.families.sd3:StableDiffusion3", "flux": "rlfuse.families.flux:Flux"}
 
 
 class ModelFamily(Protocol):

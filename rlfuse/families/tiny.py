@@ -74,14 +74,15 @@ def build_tokenizer(folder: Path, num_merges: int, max_length: int):
 
 
 def build_vae(block_out_channels: Sequence[int], layers_per_block: int, latent_channels: int, image_size: int,
-              norm_num_groups: int | None = None) -> AutoencoderKL:
-    """A small AutoencoderKL; each level after the first halves the side (32 px, two levels -> 16x16)."""
+              norm_num_groups: int | None = None, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A small AutoencoderKL; each level after the first halves the side (32 px, two levels -> 16x16).
+    scaling_factor: the latents' scale (0.18215 is SD 1.x's and AutoencoderKL's default)."""
     levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block, down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=norm_num_groups or min(block_out_channels),
-        sample_size=image_size,
+        sample_size=image_size, scaling_factor=scaling_factor,
     )
 
 
@@ -272,6 +273,64 @@ def build_tiny_flux(seed: int = 0, num_merges: int = 2000, max_length: int = 16)
     pipeline = FluxPipeline(
         scheduler=tiny_flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ----------------------------------------------------------------------------- the tiny SDXL pipeline
+
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json: an EulerDiscreteScheduler whose
+# config still carries the DDIM keys (clip_sample, set_alpha_to_one), so DDIMScheduler.from_config of it
+# gives SD's DDIM schedule: scaled-linear betas 0.00085..0.012, "leading" spacing with offset 1.
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+SDXL_VAE_SCALING = 0.13025  # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json scaling_factor
+
+
+def tiny_sdxl_scheduler():
+    """SDXL base's scheduler (EulerDiscreteScheduler with SDXL_SCHEDULER_CONFIG), as its pipeline folder holds it."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+
+
+def build_tiny_sdxl(seed: int = 0, num_merges: int = 2000, max_length: int = 16):
+    """A tiny randomly initialised StableDiffusionXLPipeline (the classes of SDXL base 1.0), from a seed.
+
+    32 px images, 16x16x4 latents (VAE scaling 0.13025, as SDXL's); a UNet with SDXL's "text_time"
+    added conditioning; CLIPTextModel and CLIPTextModelWithProjection (hidden 32 each), whose
+    penultimate states side by side are the 64-wide context and whose second pooled projection (32)
+    joins the 6 size/crop numbers (8 features each): 6 * 8 + 32 = 80 added-embedding inputs.
+    Sizes as /work/shared/FLOW.md section 4; UNet 1.36 M parameters.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(Path(folder) / "one", num_merges, max_length)
+        tokenizer_2 = build_tokenizer(Path(folder) / "two", num_merges, max_length)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+    vae = build_vae(TINY_VAE_BLOCKS, layers_per_block=1, latent_channels=4, image_size=32, norm_num_groups=16,
+                    scaling_factor=SDXL_VAE_SCALING)
+    torch.manual_seed(seed + 1)
+    text_encoder = build_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4,
+                                      intermediate_size=64).eval()
+    text_encoder_2 = tiny_clip_with_projection(tokenizer_2, seed + 2)
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=tiny_sdxl_scheduler(), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
