@@ -47,17 +47,18 @@ EXPERIMENTS = {
 }
 
 # ---- Toy scale: the same experiments on the CPU in minutes. What changes, and why:
-# Scale: 8 samples of 10 sampler steps per epoch, TOY_EPOCHS epochs, 8 held-out images, one process.
-TOY_EPOCHS = 6
+# Scale: 8 samples of 10 sampler steps per epoch, one process, TOY_EPOCHS[model] epochs (as many as learning took
+# on each model, docs/results.md), a held-out curve of 32 images during training.
+TOY_EPOCHS = {"tiny": 12, "toy": 20, "tiny_sd3": 16}
 TOY_COMMON = [
-    "hardware=cpu", f"epochs={TOY_EPOCHS}", "sample.num_steps=10", "sample.batches_per_epoch=1",
+    "hardware=cpu", "sample.num_steps=10", "sample.batches_per_epoch=1",
     "hardware.sample_batch_size=8", "hardware.train_batch_size=4", "algorithm.gradient_accumulation_steps=1",
-    "algorithm.timestep_fraction=1.0", f"eval.every={TOY_EPOCHS}", "eval.num_images=8", "checkpoint.every=1000",
+    "algorithm.timestep_fraction=1.0", "eval.num_images=32", "checkpoint.every=1000",
     "log.images_every=0", "progress=false", "model.finetune=full",
 ]
-# The evaluation after training: 32 held-out prompts x 4 images, base and fine-tuned from the same noise, so that a
-# change of a few hundredths shows beyond two standard errors of the paired difference.
-TOY_EVAL_SIZE = ["--num-prompts", "32", "--images-per-prompt", "4"]
+# The evaluation after training (both scales): 32 held-out prompts x 4 images, base and fine-tuned from the same
+# noise, so that a change of a few hundredths shows beyond two standard errors of the paired difference.
+EVAL_SIZE = ["--num-prompts", "32", "--images-per-prompt", "4"]
 TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # Models: JPEG rewards need no weights and run on model=tiny (random, learns JPEG size in a minute);
 # learned reward models (aesthetic, CLIP, ImageReward) have no weights here, so those experiments run
@@ -84,7 +85,7 @@ TOY_ALGORITHM = {
     ("dpok", "tiny"): ["algorithm.learning_rate=3e-3", "algorithm.objective.clip_range=0.2"],
     ("ddpo", "toy"): ["algorithm.learning_rate=1e-5", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "toy"): ["algorithm.learning_rate=1e-5"],
-    ("dpok", "toy"): ["algorithm.learning_rate=1e-5", "algorithm.objective.clip_range=0.2"],
+    ("dpok", "toy"): ["algorithm.learning_rate=1e-4", "algorithm.objective.clip_range=0.2"],
     ("grpo", "tiny_sd3"): ["algorithm.learning_rate=1e-3", "algorithm.timestep_fraction=0.5",
                            "algorithm.objective.clip_range=0.2", "algorithm.objective.beta=0.0"],
 }
@@ -149,7 +150,9 @@ def toy_overrides(name: str) -> tuple[list[str], str, list[str]]:
     cfg = experiment_config(name)
     kind = toy_kind(cfg)
     model = TOY_MODEL_NAME[kind]
-    overrides = [*TOY_COMMON, *TOY_MODEL[kind], *TOY_ALGORITHM[(cfg.algorithm.name, model)]]
+    epochs = TOY_EPOCHS[model]
+    overrides = [*TOY_COMMON, f"epochs={epochs}", f"eval.every={max(1, epochs // 4)}", *TOY_MODEL[kind],
+                 *TOY_ALGORITHM[(cfg.algorithm.name, model)]]
     overrides += foreign_keys(experiment_config(name, overrides), overrides)
     rewards, settings = TOY_EVAL[model]
     if kind in ("jpeg", "flow"):  # evaluate under the objective the run trained on
@@ -228,7 +231,6 @@ def run_experiment(name: str, scale: str, out: Path, gpus: int, threads: int) ->
     row = {"experiment": name, "paper": paper, "published": published}
     missing = needs_inputs(name) if scale == "paper" else None
     overrides, settings = [], []
-    evaluation_size = ["--num-prompts", "4", "--images-per-prompt", "2"] if scale == "paper" else TOY_EVAL_SIZE
     if scale == "toy":
         if experiment_config(name).feedback.name == "human":
             missing = "feedback.path (a labelled dataset: people's choices)"
@@ -250,7 +252,7 @@ def run_experiment(name: str, scale: str, out: Path, gpus: int, threads: int) ->
                              f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")],
                             out / f"{name}.train.log", env)
         eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
-                            *(f"--set={s}" for s in settings), *evaluation_size, "--out", str(evaluation)],
+                            *(f"--set={s}" for s in settings), *EVAL_SIZE, "--out", str(evaluation)],
                            out / f"{name}.evaluate.log", env)
     except UserError as error:
         row["status"] = f"failed: {str(error).replace('|', '/')}"
@@ -287,12 +289,15 @@ def render(scale: str, results: list[dict], seconds: float, jobs: int = 1) -> st
              f"{seconds / 60:.1f} minutes, {jobs} at a time. Made by "
              f"`python -m rlfuse.reproduce --scale {scale} --jobs {jobs}`.", ""]
     if scale == "toy":
-        lines += ["Toy scale is a check of the whole path (configs, training, evaluation, report), not a "
-                  "reproduction: JPEG experiments on `model=tiny` (random weights), learned-reward experiments on "
+        epochs = ", ".join(f"{n} on `model={m}`" for m, n in TOY_EPOCHS.items())
+        lines += ["Toy scale runs the papers' algorithms on models and rewards that fit a CPU; it shows that each "
+                  "algorithm learns and that the whole path works (configs, training, evaluation, report), not the "
+                  "papers' numbers: JPEG experiments on `model=tiny` (random weights), learned-reward experiments on "
                   "`model=toy` with `reward=shapes` standing in for the reward model, flow-model (Flow-GRPO) "
-                  "experiments on `model=tiny_sd3` (random weights) with `reward=jpeg` in place of theirs, "
-                  f"{TOY_EPOCHS} epochs of 8 samples, full fine-tuning at the learning rates measured for these "
-                  "models. Unseen rewards on a random tiny CLIP check the machinery only.", ""]
+                  "experiments on `model=tiny_sd3` (random weights) with `reward=jpeg` in place of theirs; epochs of "
+                  f"8 samples ({epochs}), full fine-tuning at the learning rates measured for these models. The "
+                  f"verdict compares base and fine-tuned images from the same noise ({EVAL_SIZE[1]} held-out prompts "
+                  f"x {EVAL_SIZE[3]}). Unseen rewards on a random tiny CLIP check the machinery only.", ""]
     lines += ["| experiment | paper | published | trained reward: held-out during training | base -> fine-tuned "
               "(evaluation, same seeds; change ± its standard error) | verdict (beyond 2 standard errors) | "
               "other rewards (change) | diversity base -> tuned | drift (pixel RMS) | minutes |",

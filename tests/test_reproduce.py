@@ -164,9 +164,10 @@ def test_every_published_entry_cites_the_table_or_figure_it_comes_from(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddpo_sd15_compressibility", "flowgrpo_sd35m_geneval"])  # DDIM; flow (about 18 s)
 def test_a_short_toy_run_renders_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch, name):
-    one_epoch = [o for o in reproduce.TOY_COMMON if not o.startswith(("epochs=", "eval.every=", "sample.num_steps="))]
-    monkeypatch.setattr(reproduce, "TOY_COMMON", [*one_epoch, "epochs=1", "eval.every=1", "eval.num_images=4",
-                                                   "sample.num_steps=4"])
+    short = [o for o in reproduce.TOY_COMMON if not o.startswith(("eval.num_images=", "sample.num_steps="))]
+    monkeypatch.setattr(reproduce, "TOY_COMMON", [*short, "eval.num_images=4", "sample.num_steps=4"])
+    monkeypatch.setattr(reproduce, "TOY_EPOCHS", dict.fromkeys(reproduce.TOY_EPOCHS, 1))
+    monkeypatch.setattr(reproduce, "EVAL_SIZE", ["--num-prompts", "2", "--images-per-prompt", "2"])
     report = reproduce.reproduce("toy", tmp_path, [name])
     text = report.read_text()
     assert f"| [{name}](evaluations/{name}/REPORT.md) |" in text
