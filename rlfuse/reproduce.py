@@ -215,8 +215,9 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
     start = time.perf_counter()
     # Experiments at a time share the CPU cores: each process gets its share of threads.
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    plans = [plan(name, scale) for name in names]  # composes configs: Hydra's global state, one thread
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each experiment is subprocesses: threads only wait
-        results = list(pool.map(lambda name: run_experiment(name, scale, out, gpus, threads), names))
+        results = list(pool.map(lambda p: run_experiment(p, out, gpus, threads), plans))
     total = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps({"scale": scale, "seconds": total, "jobs": jobs,
                                                   "results": results}, indent=2))
@@ -224,11 +225,10 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
     return out / "REPORT.md"
 
 
-def run_experiment(name: str, scale: str, out: Path, gpus: int, threads: int) -> dict:
-    """Train and evaluate one experiment; its row of the report (status "done", "not run: ..." or "failed: ...")."""
-    python = sys.executable
-    paper, published, rewards = EXPERIMENTS[name]
-    row = {"experiment": name, "paper": paper, "published": published}
+def plan(name: str, scale: str) -> dict:
+    """What run_experiment needs of an experiment: its training overrides, evaluation rewards and settings, and
+    what it still needs from the user (None: it can run)."""
+    rewards = EXPERIMENTS[name][2]
     missing = needs_inputs(name) if scale == "paper" else None
     overrides, settings = [], []
     if scale == "toy":
@@ -236,6 +236,17 @@ def run_experiment(name: str, scale: str, out: Path, gpus: int, threads: int) ->
             missing = "feedback.path (a labelled dataset: people's choices)"
         else:
             overrides, rewards, settings = toy_overrides(name)
+    return {"name": name, "scale": scale, "missing": missing, "overrides": overrides, "rewards": rewards,
+            "settings": settings}
+
+
+def run_experiment(plan: dict, out: Path, gpus: int, threads: int) -> dict:
+    """Train and evaluate one planned experiment; its row of the report (status "done", "not run: ..." or
+    "failed: ..."). Runs only subprocesses: safe in a thread."""
+    python, name, scale = sys.executable, plan["name"], plan["scale"]
+    paper, published, _ = EXPERIMENTS[name]
+    row = {"experiment": name, "paper": paper, "published": published}
+    missing, overrides, rewards, settings = plan["missing"], plan["overrides"], plan["rewards"], plan["settings"]
     if missing:
         row["status"] = f"not run: needs {missing}"
         print(f"{name}: {row['status']}", flush=True)

@@ -162,22 +162,25 @@ def test_every_published_entry_cites_the_table_or_figure_it_comes_from(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddpo_sd15_compressibility", "flowgrpo_sd35m_geneval"])  # DDIM; flow (about 18 s)
-def test_a_short_toy_run_renders_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch, name):
+def test_two_short_toy_runs_at_a_time_render_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch):
+    """A DDIM and a flow experiment (about 18 s each), run side by side as --jobs 2 does."""
     short = [o for o in reproduce.TOY_COMMON if not o.startswith(("eval.num_images=", "sample.num_steps="))]
     monkeypatch.setattr(reproduce, "TOY_COMMON", [*short, "eval.num_images=4", "sample.num_steps=4"])
     monkeypatch.setattr(reproduce, "TOY_EPOCHS", dict.fromkeys(reproduce.TOY_EPOCHS, 1))
     monkeypatch.setattr(reproduce, "EVAL_SIZE", ["--num-prompts", "2", "--images-per-prompt", "2"])
-    report = reproduce.reproduce("toy", tmp_path, [name])
+    names = ["ddpo_sd15_compressibility", "flowgrpo_sd35m_geneval"]
+    report = reproduce.reproduce("toy", tmp_path, names, jobs=2)
     text = report.read_text()
-    assert f"| [{name}](evaluations/{name}/REPORT.md) |" in text
-    assert f"| {reproduce.EXPERIMENTS[name][1]} |" in text  # the published column
-    evaluation = tmp_path / "evaluations" / name
-    numbers = json.loads((evaluation / "report.json").read_text())
-    assert set(numbers["scores"]) == {"jpeg", "alignment", "diversity"} and numbers["scores"]["jpeg"]["trained_on"]
-    assert numbers["drift"]["pixel_rms"] > 0  # one epoch of full fine-tuning moves the images
-    for png in ("base_vs_finetuned.png", "reward.png"):
-        assert (evaluation / png).stat().st_size > 0 and f"]({png})" in (evaluation / "REPORT.md").read_text()
+    assert "2 of 2 experiments run" in text and "2 at a time" in text
+    for name in names:
+        assert f"| [{name}](evaluations/{name}/REPORT.md) |" in text
+        assert f"| {reproduce.EXPERIMENTS[name][1]} |" in text  # the published column
+        evaluation = tmp_path / "evaluations" / name
+        numbers = json.loads((evaluation / "report.json").read_text())
+        assert set(numbers["scores"]) == {"jpeg", "alignment", "diversity"} and numbers["scores"]["jpeg"]["trained_on"]
+        assert numbers["drift"]["pixel_rms"] > 0  # one epoch of full fine-tuning moves the images
+        for png in ("base_vs_finetuned.png", "reward.png"):
+            assert (evaluation / png).stat().st_size > 0 and f"]({png})" in (evaluation / "REPORT.md").read_text()
 
 
 def run_main(main, args, capsys):
