@@ -282,7 +282,90 @@ def preflight(cfg: DictConfig) -> Checked:
             cfg.sample.eta, family.name, cfg.sample.sde_type))
     reward = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}", train_prompts + eval_prompts,
                           cfg.prompts.name)
+    check_watch(cfg)
     return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
+
+
+# ----------------------------------------------------------------------------- schedules, best checkpoint, trackers
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module to import
+
+
+def check_watch(cfg: DictConfig) -> None:
+    """lr_schedule, checkpoint.best, early_stop and log.trackers: valid values, installed trackers.
+    Configs made before these keys existed have none."""
+    import importlib.util
+
+    schedule = cfg.get("lr_schedule") or {}
+    name = schedule.get("name", "constant")
+    check(name in LR_SCHEDULES, f"lr_schedule.name={name}: use one of {', '.join(LR_SCHEDULES)}")
+    check(schedule.get("warmup_steps", 0) >= 0, f"lr_schedule.warmup_steps={schedule.get('warmup_steps')}: must be >= 0")
+    best, mode = cfg.checkpoint.get("best"), cfg.checkpoint.get("best_mode", "max")
+    check(best is None or (isinstance(best, str) and best != ""),
+          f"checkpoint.best={best!r}: give a logged metric such as eval_reward_mean, or null")
+    check(mode in ("max", "min"), f"checkpoint.best_mode={mode}: use max or min")
+    check(best is None or cfg.eval.every > 0,
+          f"checkpoint.best={best}: the best checkpoint is chosen at evaluations; set eval.every > 0")
+    stop = cfg.get("early_stop") or {}
+    check(stop.get("patience", 0) >= 0, f"early_stop.patience={stop.get('patience')}: must be >= 0 (0: never stop)")
+    check(stop.get("min_delta", 0.0) >= 0, f"early_stop.min_delta={stop.get('min_delta')}: must be >= 0")
+    check(stop.get("patience", 0) == 0 or best is not None,
+          f"early_stop.patience={stop.get('patience')}: early stopping watches checkpoint.best's metric; set "
+          f"checkpoint.best=eval_reward_mean (or another logged metric)")
+    trackers = list(cfg.log.get("trackers", ["tensorboard"]) or [])
+    for tracker in trackers:
+        check(tracker in TRACKERS, f"log.trackers: no tracker {tracker!r}; use any of {', '.join(TRACKERS)}")
+        check(importlib.util.find_spec(TRACKERS[tracker]) is not None,
+              f"log.trackers: {tracker} is not installed; pip install 'rlfuse[{tracker}]' (or drop it from log.trackers)")
+
+
+def updates_per_epoch(cfg: DictConfig, checked: Checked) -> int:
+    """Optimizer updates per epoch (the learning-rate schedule counts them)."""
+    replay_buffer = getattr(checked.algorithm, "replay_buffer", None)
+    if replay_buffer is not None:
+        return replay_buffer.updates_per_round
+    minibatches = cfg.sample.batches_per_epoch * cfg.hardware.sample_batch_size // cfg.hardware.train_batch_size
+    micro_steps = cfg.algorithm.inner_epochs * minibatches * steps_per_trajectory(cfg, checked)
+    return max(1, micro_steps // micro_steps_per_update(cfg, checked))
+
+
+def make_lr_schedule(cfg: DictConfig, checked: Checked, optimizer: torch.optim.Optimizer):
+    """lr_schedule as diffusers' get_scheduler over the run's optimizer updates, stepped after each
+    update the optimizer takes (a post-step hook: a skipped update does not advance it). Make it before
+    the optimizer's state is restored: building it sets the learning rate, restoring the state sets it back."""
+    from diffusers.optimization import get_scheduler
+
+    schedule = cfg.get("lr_schedule") or {}
+    name, warmup = schedule.get("name", "constant"), schedule.get("warmup_steps", 0)
+    if name == "constant" and warmup > 0:
+        name = "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=cfg.epochs * updates_per_epoch(cfg, checked))
+    optimizer.register_step_post_hook(lambda *_: scheduler.step())
+    return scheduler
+
+
+def tracker_settings(cfg: DictConfig):
+    """log.trackers and their settings, with the resolved config as the run's parameters. MLflow logs to
+    log.mlflow_uri, else $MLFLOW_TRACKING_URI, else an SQLite store <run_root>/mlflow.db."""
+    from rlfuse.engine.logbook import TrackerSettings
+
+    uri = cfg.log.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{(Path(cfg.run_root) / 'mlflow.db').resolve()}"
+    return TrackerSettings(tuple(cfg.log.get("trackers", ["tensorboard"]) or []), cfg.log.get("project", "rlfuse"), uri,
+                           OmegaConf.to_container(cfg, resolve=True))
+
+
+def best_tracker(cfg: DictConfig):
+    """The tracker of checkpoint.best's metric (with early_stop), or None when checkpoint.best is null."""
+    from rlfuse.engine.best import BestTracker
+
+    if cfg.checkpoint.get("best") is None:
+        return None
+    stop = cfg.get("early_stop") or {}
+    return BestTracker(cfg.checkpoint.best, cfg.checkpoint.get("best_mode", "max"), stop.get("patience", 0),
+                       stop.get("min_delta", 0.0))
 
 
 # ----------------------------------------------------------------------------- resume and the run folder
