@@ -85,9 +85,12 @@ def make_tracker(name: str, run_dir: Path, first_epoch: int, settings: TrackerSe
     elif name == "mlflow":
         import mlflow
 
+        artifacts = None
         if settings.mlflow_uri:
             mlflow.set_tracking_uri(settings.mlflow_uri)
-        tracker = tracking.MLflowTracker(settings.project, run_name=run_dir.name)
+            if settings.mlflow_uri.startswith("sqlite:///"):  # a local store: images beside it, not in ./mlruns
+                artifacts = (Path(settings.mlflow_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        tracker = tracking.MLflowTracker(settings.project, logging_dir=artifacts, run_name=run_dir.name)
     else:
         raise ValueError(f"no tracker {name!r}")
     tracker.start()
@@ -153,6 +156,10 @@ class Logbook:
     def close(self) -> None:
         for tracker in self.trackers.values():
             tracker.finish()
+        if "wandb" in self.trackers:  # stop W&B's background service now, not at interpreter exit
+            import wandb
+
+            wandb.teardown()
 
 
 def epoch_metrics(epoch: int, rewards: torch.Tensor, details: dict[str, list[float]], advantage_stats: dict,
