@@ -9,7 +9,7 @@ this module read the config.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,6 +128,7 @@ class Checked:
     eval_prompts: list[str]
     trainable_steps: torch.Tensor   # (T',) the sampler steps that may be trained on
     replay: bool                    # feedback=human: the replay source instead of online sampling
+    panel: dict = field(default_factory=dict)  # eval.rewards: {name: reward}, scored on held-out images only
 
 
 def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
@@ -283,7 +284,8 @@ def preflight(cfg: DictConfig) -> Checked:
     reward = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}", train_prompts + eval_prompts,
                           cfg.prompts.name)
     check_watch(cfg)
-    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
+    panel = check_monitors(cfg)
+    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay, panel)
 
 
 # ----------------------------------------------------------------------------- schedules, best checkpoint, trackers
@@ -355,6 +357,69 @@ def tracker_settings(cfg: DictConfig):
         f"sqlite:///{(Path(cfg.run_root) / 'mlflow.db').resolve()}"
     return TrackerSettings(tuple(cfg.log.get("trackers", ["tensorboard"]) or []), cfg.log.get("project", "rlfuse"), uri,
                            OmegaConf.to_container(cfg, resolve=True))
+
+
+def check_monitors(cfg: DictConfig) -> dict:
+    """eval.rewards, eval.diversity and eval.drift: valid, their weights present; returns the panel
+    {name: reward}, built once. Configs made before these keys existed have none."""
+    from rlfuse.cli import CONF_DIR, group_choices
+
+    panel = {}
+    for name in list(cfg.eval.get("rewards") or []):
+        check(name in group_choices("reward"),
+              f"eval.rewards: no reward {name!r}; choose among {', '.join(group_choices('reward'))}")
+        check(name != cfg.reward.name, f"eval.rewards: {name} is the trained reward (reward={name}); the panel holds "
+                                       f"rewards the run is not trained on")
+        node = OmegaConf.load(CONF_DIR / "reward" / f"{name}.yaml")
+        panel[name] = build_reward(node.fn, f"eval.rewards[{name}]", f"eval.rewards: {name}")
+    diversity = cfg.eval.get("diversity") or {}
+    space = diversity.get("space")
+    check(space in (None, "pixel", "clip"), f"eval.diversity.space={space}: use null (off), pixel or clip")
+    if space is not None:
+        for key in ("prompts", "images_per_prompt"):
+            check(diversity.get(key, 0) >= (2 if key == "images_per_prompt" else 1),
+                  f"eval.diversity.{key}={diversity.get(key)}: must be >= {2 if key == 'images_per_prompt' else 1}")
+        check(0 < diversity.get("collapse_ratio", 0.5) < 1,
+              f"eval.diversity.collapse_ratio={diversity.get('collapse_ratio')}: must be in (0, 1)")
+        check(cfg.eval.every > 0, "eval.diversity: measured at evaluations; set eval.every > 0")
+    if space == "clip":
+        from rlfuse.rewards.clip import check_clip_weights
+
+        try:
+            check_clip_weights(diversity.clip_model, diversity.clip_pretrained, "eval.diversity")
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    return panel
+
+
+def make_monitoring(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, reference, device):
+    """The evaluation's monitors (rlfuse.engine.monitors), or None when none is asked for. The drift KL
+    uses the algorithm's reference policy when it has one, else a reference of its own (LoRA: the
+    adapters switched off; full fine-tuning: a frozen copy)."""
+    from rlfuse.engine.evaluation import Monitoring
+    from rlfuse.engine.monitors import MonitorSettings, Watch
+    from rlfuse.lora import ReferencePolicy
+
+    diversity = cfg.eval.get("diversity") or {}
+    drift = bool(cfg.eval.get("drift", False))
+    clip = None
+    if diversity.get("space") == "clip":
+        from rlfuse.rewards.clip import ClipEmbedder
+
+        clip = ClipEmbedder(diversity.clip_model, diversity.clip_pretrained)
+    kl_sampler = None
+    if drift:
+        import copy
+
+        kl_sampler = copy.deepcopy(family.sampler(cfg.sample.eta, cfg.sample.sde_type))
+    settings = MonitorSettings(checked.panel, diversity.get("space"), diversity.get("prompts", 8),
+                               diversity.get("images_per_prompt", 4), clip, diversity.get("collapse_ratio", 0.5),
+                               drift, kl_sampler)
+    if not settings.active:
+        return None
+    if drift and reference is None:
+        reference = ReferencePolicy(network, cfg.model.finetune, device)
+    return Monitoring(settings, reference if drift else None, Watch(settings.collapse_ratio))
 
 
 def best_tracker(cfg: DictConfig):

@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> float:
     # or checkpoint loading; with LoRA the same network with adapters off, never a copy.
     reference = ReferencePolicy(network, cfg.model.finetune, device, cfg.algorithm.get("reference_offload", False)) \
         if algorithm.needs_reference else None
+    monitoring = config.make_monitoring(cfg, checked, network, family, reference, device)  # None: no monitors
     resumed = checkpoint.list_checkpoints(run_dir)[-1] if cfg.resume is not None and \
         checkpoint.list_checkpoints(run_dir) else None
     if resumed is not None:  # the weights go in before the engine wraps (and, under FSDP, shards) the network
@@ -91,7 +92,7 @@ def train(cfg: DictConfig) -> float:
     logbook = Logbook(run_dir, first_epoch, cfg.epochs, show, config.tracker_settings(cfg)) if is_main else None
     if is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False) if (cfg.eval.every > 0 and first_epoch == 1) \
+    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False, monitoring=monitoring) if (cfg.eval.every > 0 and first_epoch == 1) \
         else {}
     if last_eval and is_main:
         log.info("epoch 0 (before training) | eval reward %.4f", last_eval["eval_reward_mean"])
@@ -133,7 +134,7 @@ def train(cfg: DictConfig) -> float:
         # ---- 4. Evaluate: held-out prompts at fixed seeds.
         new_best = False
         if cfg.eval.every > 0 and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
-            last_eval = evaluation_stage(*evaluation, logbook, epoch, final=epoch == cfg.epochs)
+            last_eval = evaluation_stage(*evaluation, logbook, epoch, final=epoch == cfg.epochs, monitoring=monitoring)
             metrics.update(last_eval)
             new_best = best is not None and best.observe(metrics, epoch)
         metrics["lr"] = lr_schedule.get_last_lr()[0]

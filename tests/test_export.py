@@ -90,6 +90,12 @@ def test_the_model_card_yaml_parses_and_names_the_run_and_its_best_checkpoint(ru
     assert (out / "images" / "before_after.png").is_file() == (best_epoch > 0)   # none for the untrained model
 
 
+def test_a_constant_schedule_keeps_the_learning_rate(run_dir):
+    from tests.test_train import metrics
+
+    assert [row["lr"] for row in metrics(run_dir) if row["epoch"] > 0] == [3e-3]
+
+
 def test_a_hub_base_model_is_named_in_the_yaml_with_its_licence(run_dir):
     from huggingface_hub import ModelCard
 
