@@ -185,8 +185,8 @@ def model_card(cfg, run_dir: Path, checkpoint: Path, kind: str, images: list[str
     columns += sorted({k for r in rows for k in r if k.startswith("eval_") and k not in columns})[:6]
     lines = [f"---\n{data.to_yaml()}\n---", "",
              f"# {run_dir.name}: {algorithm} on the {reward} reward", "",
-             f"Fine-tuned from {base_text} with **{algorithm}** on the **{reward}** reward by "
-             f"[rlfuse](https://github.com/rlfuse/rlfuse). Checkpoint {chosen}. "
+             f"Fine-tuned from {base_text} with **{algorithm}** on the **{reward}** reward with "
+             f"rlfuse. Checkpoint {chosen}. "
              + ("LoRA weights in the diffusers format." if kind == "lora"
                 else "A whole pipeline folder (safetensors)."), "",
              "## Use", "", "```python", f"from diffusers import {pipeline}", "", load,

@@ -92,15 +92,16 @@ def train(cfg: DictConfig) -> float:
     logbook = Logbook(run_dir, first_epoch, cfg.epochs, show, config.tracker_settings(cfg)) if is_main else None
     if is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False, monitoring=monitoring) if (cfg.eval.every > 0 and first_epoch == 1) \
-        else {}
+    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False, monitoring=monitoring) \
+        if (cfg.eval.every > 0 and first_epoch == 1) else {}
     if last_eval and is_main:
         log.info("epoch 0 (before training) | eval reward %.4f", last_eval["eval_reward_mean"])
         logbook.record({"epoch": 0, **last_eval})
-    run_state = lambda: {"lr_schedule": lr_schedule.state_dict(), "best": best.state_dict() if best else None}
+    # A checkpoint of the epoch (or, with best=, checkpoints/best) with the loop's own state to resume.
     save = lambda epoch, final, **best_note: checkpoint.save_epoch(  # noqa: E731
         accelerator, run_dir, epoch, final, family, trained, optimizer, algorithm.state_dict(), cfg.model.finetune,
-        sharded, cfg.checkpoint.keep, run_state(), **best_note)
+        sharded, cfg.checkpoint.keep, {"lr_schedule": lr_schedule.state_dict(),
+                                       "best": best.state_dict() if best else None}, **best_note)
     if last_eval and best is not None and best.observe(last_eval, 0):  # the base model may stay the best
         save(0, False, best=best.note())
 
