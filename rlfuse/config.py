@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlfuse.errors import UserError, check
 
-# Keys that may change between a run and its continuation: how long, how chatty, how resumed.
-RESUME_FREE_KEYS = ("resume", "epochs", "progress")
+# Keys that may change between a run and its continuation: how long, how chatty, how resumed, where
+# it logs, when it stops early.
+RESUME_FREE_KEYS = ("resume", "epochs", "progress", "log", "early_stop")
 
 
 # ----------------------------------------------------------------------------- generic checks
@@ -320,6 +321,23 @@ def check_watch(cfg: DictConfig) -> None:
         check(tracker in TRACKERS, f"log.trackers: no tracker {tracker!r}; use any of {', '.join(TRACKERS)}")
         check(importlib.util.find_spec(TRACKERS[tracker]) is not None,
               f"log.trackers: {tracker} is not installed; pip install 'rlfuse[{tracker}]' (or drop it from log.trackers)")
+    if "wandb" in trackers:
+        check(wandb_can_log(), "log.trackers: wandb has no API key; run `wandb login`, set WANDB_API_KEY, or set "
+                               "WANDB_MODE=offline (then `wandb sync` the run's wandb folder)")
+
+
+def wandb_can_log() -> bool:
+    """W&B can start a run without asking for a key: offline or disabled, or a key in the environment
+    or in ~/.netrc (where `wandb login` writes it)."""
+    import netrc
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
 
 
 def updates_per_epoch(cfg: DictConfig, checked: Checked) -> int:

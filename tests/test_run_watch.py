@@ -18,13 +18,14 @@ WATCHED = ["model=tiny", "reward=shapes", "prompts=shapes", "hardware.sample_bat
            "log.images_every=0", "epochs=4", "eval.every=1", "eval.num_images=8", "eval.rewards=[jpeg]",
            "eval.diversity.space=pixel", "eval.diversity.prompts=2", "eval.drift=true", "algorithm.learning_rate=3e-3",
            "checkpoint.best=eval_jpeg", "checkpoint.best_mode=min", "checkpoint.every=1", "checkpoint.keep=1",
-           "early_stop.patience=2", "lr_schedule.name=cosine", "lr_schedule.warmup_steps=2"]
+           "early_stop.patience=2", "lr_schedule.name=cosine", "lr_schedule.warmup_steps=2",
+           "log.trackers=[tensorboard,wandb]"]
 
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
     root = tmp_path_factory.mktemp("watched")
-    result = run_train(root, *WATCHED)
+    result = run_train(root, *WATCHED, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = next(root.glob("**/.hydra")).parent
     return run_dir, result.stderr + result.stdout
@@ -39,6 +40,7 @@ def test_every_evaluation_logs_the_panel_diversity_and_drift(watched):
         assert row["eval_jpeg"] < 0 and row["eval_diversity"] > 0
     assert rows[0]["epoch"] == 0 and rows[0]["eval_drift_pixel"] == 0 and rows[0]["eval_drift_kl"] == 0
     assert rows[-1]["eval_drift_pixel"] > 0 and rows[-1]["eval_drift_kl"] > 0      # the LoRA moved the model
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")) and list(run_dir.glob("tensorboard/events.*"))
 
 
 @pytest.mark.slow

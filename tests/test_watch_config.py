@@ -29,6 +29,16 @@ def test_bad_watch_settings_fail_in_one_line_with_exit_code_2(args, expected, tm
     assert not any(tmp_path.iterdir()), "no run folder is made for a bad command line"
 
 
+def test_wandb_without_a_key_or_offline_mode_is_refused_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))                  # no ~/.netrc
+    result = run_cli("log.trackers=[wandb]", f"run_root={tmp_path / 'runs'}")
+    assert result.returncode == 2
+    assert "log.trackers: wandb has no API key; run `wandb login`" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_tracker_that_is_not_installed_names_the_extra_to_install(tmp_path, monkeypatch):
     import importlib.util
 
