@@ -88,13 +88,14 @@ def test_a_run_that_stops_improving_ends_early_with_exit_0_a_line_and_its_best_c
 
 
 @pytest.mark.slow
-def test_the_cosine_schedule_with_warm_up_sets_each_epochs_learning_rate(watched):
+def test_the_cosine_schedule_with_warm_up_sets_each_epochs_learning_rate(watched, monkeypatch):
     from diffusers.optimization import get_scheduler
 
     from rlfuse.cli import check_overrides
     from rlfuse.config import preflight, updates_per_epoch
 
     run_dir, _ = watched
+    monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = check_overrides("train", WATCHED)
     per_epoch = updates_per_epoch(cfg, preflight(cfg))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
