@@ -1,7 +1,7 @@
 """What the evaluation monitors cost: seconds per evaluation of the default run (model=toy, reward=shapes,
 133 held-out images, 10 DDIM steps) without monitors and with each of them.
 
-    python benchmarks/monitors.py [--repeats 2] [--out benchmarks/results/monitors.json]
+    python benchmarks/monitors.py [--repeats 1] [--out benchmarks/results/monitors.json] [--only none,diversity,...]
 
 Panels: jpeg (cheap, on the CPU) and aesthetic (CLIP ViT-L/14 with random weights and the real MLP head:
 the cost of a CLIP-sized panel reward; no download). Diversity samples 8 prompts x 4 images of its own;
@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/monitors.json")
+    parser.add_argument("--only", default="", help="comma-separated variant names' first words (default: all)")
     args = parser.parse_args()
     from accelerate import Accelerator
 
@@ -68,7 +69,10 @@ def main() -> None:
     settings = eval_settings(cfg, checked)
     results = {}
     run_dir = Path(tempfile.mkdtemp())
+    chosen = [word for word in args.only.split(",") if word]
     for name, monitors in variants.items():
+        if chosen and name.split()[0] not in chosen:
+            continue
         times, cpu_times = [], []
         for repeat in range(args.repeats + 1):  # the first is a warm-up
             monitoring = Monitoring(monitors, reference if monitors and monitors.drift else None,
