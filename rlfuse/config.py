@@ -9,7 +9,7 @@ this module read the config.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlfuse.errors import UserError, check
 
-# Keys that may change between a run and its continuation: how long, how chatty, how resumed.
-RESUME_FREE_KEYS = ("resume", "epochs", "progress")
+# Keys that may change between a run and its continuation: how long, how chatty, how resumed, where
+# it logs, when it stops early.
+RESUME_FREE_KEYS = ("resume", "epochs", "progress", "log", "early_stop")
 
 
 # ----------------------------------------------------------------------------- generic checks
@@ -128,6 +129,7 @@ class Checked:
     eval_prompts: list[str]
     trainable_steps: torch.Tensor   # (T',) the sampler steps that may be trained on
     replay: bool                    # feedback=human: the replay source instead of online sampling
+    panel: dict = field(default_factory=dict)  # eval.rewards: {name: reward}, scored on held-out images only
 
 
 def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
@@ -282,7 +284,171 @@ def preflight(cfg: DictConfig) -> Checked:
             cfg.sample.eta, family.name, cfg.sample.sde_type))
     reward = build_reward(cfg.reward.fn, "reward.fn", f"reward={cfg.reward.name}", train_prompts + eval_prompts,
                           cfg.prompts.name)
-    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay)
+    check_watch(cfg)
+    panel = check_monitors(cfg)
+    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay, panel)
+
+
+# ----------------------------------------------------------------------------- schedules, best checkpoint, trackers
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module to import
+
+
+def check_watch(cfg: DictConfig) -> None:
+    """lr_schedule, checkpoint.best, early_stop and log.trackers: valid values, installed trackers.
+    Configs made before these keys existed have none."""
+    import importlib.util
+
+    schedule = cfg.get("lr_schedule") or {}
+    name = schedule.get("name", "constant")
+    check(name in LR_SCHEDULES, f"lr_schedule.name={name}: use one of {', '.join(LR_SCHEDULES)}")
+    check(schedule.get("warmup_steps", 0) >= 0, f"lr_schedule.warmup_steps={schedule.get('warmup_steps')}: must be >= 0")
+    best, mode = cfg.checkpoint.get("best"), cfg.checkpoint.get("best_mode", "max")
+    check(best is None or (isinstance(best, str) and best != ""),
+          f"checkpoint.best={best!r}: give a logged metric such as eval_reward_mean, or null")
+    check(mode in ("max", "min"), f"checkpoint.best_mode={mode}: use max or min")
+    check(best is None or cfg.eval.every > 0,
+          f"checkpoint.best={best}: the best checkpoint is chosen at evaluations; set eval.every > 0")
+    stop = cfg.get("early_stop") or {}
+    check(stop.get("patience", 0) >= 0, f"early_stop.patience={stop.get('patience')}: must be >= 0 (0: never stop)")
+    check(stop.get("min_delta", 0.0) >= 0, f"early_stop.min_delta={stop.get('min_delta')}: must be >= 0")
+    check(stop.get("patience", 0) == 0 or best is not None,
+          f"early_stop.patience={stop.get('patience')}: early stopping watches checkpoint.best's metric; set "
+          f"checkpoint.best=eval_reward_mean (or another logged metric)")
+    trackers = list(cfg.log.get("trackers", ["tensorboard"]) or [])
+    for tracker in trackers:
+        check(tracker in TRACKERS, f"log.trackers: no tracker {tracker!r}; use any of {', '.join(TRACKERS)}")
+        check(importlib.util.find_spec(TRACKERS[tracker]) is not None,
+              f"log.trackers: {tracker} is not installed; pip install 'rlfuse[{tracker}]' (or drop it from log.trackers)")
+    if "wandb" in trackers:
+        check(wandb_can_log(), "log.trackers: wandb has no API key; run `wandb login`, set WANDB_API_KEY, or set "
+                               "WANDB_MODE=offline (then `wandb sync` the run's wandb folder)")
+
+
+def wandb_can_log() -> bool:
+    """W&B can start a run without asking for a key: offline or disabled, or a key in the environment
+    or in ~/.netrc (where `wandb login` writes it)."""
+    import netrc
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def updates_per_epoch(cfg: DictConfig, checked: Checked) -> int:
+    """Optimizer updates per epoch (the learning-rate schedule counts them)."""
+    replay_buffer = getattr(checked.algorithm, "replay_buffer", None)
+    if replay_buffer is not None:
+        return replay_buffer.updates_per_round
+    minibatches = cfg.sample.batches_per_epoch * cfg.hardware.sample_batch_size // cfg.hardware.train_batch_size
+    micro_steps = cfg.algorithm.inner_epochs * minibatches * steps_per_trajectory(cfg, checked)
+    return max(1, micro_steps // micro_steps_per_update(cfg, checked))
+
+
+def make_lr_schedule(cfg: DictConfig, checked: Checked, optimizer: torch.optim.Optimizer):
+    """lr_schedule as diffusers' get_scheduler over the run's optimizer updates, stepped after each
+    update the optimizer takes (a post-step hook: a skipped update does not advance it). Make it before
+    the optimizer's state is restored: building it sets the learning rate, restoring the state sets it back."""
+    from diffusers.optimization import get_scheduler
+
+    schedule = cfg.get("lr_schedule") or {}
+    name, warmup = schedule.get("name", "constant"), schedule.get("warmup_steps", 0)
+    if name == "constant" and warmup > 0:
+        name = "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=cfg.epochs * updates_per_epoch(cfg, checked))
+    optimizer.register_step_post_hook(lambda *_: scheduler.step())
+    return scheduler
+
+
+def tracker_settings(cfg: DictConfig):
+    """log.trackers and their settings, with the resolved config as the run's parameters. MLflow logs to
+    log.mlflow_uri, else $MLFLOW_TRACKING_URI, else an SQLite store <run_root>/mlflow.db."""
+    from rlfuse.engine.logbook import TrackerSettings
+
+    uri = cfg.log.get("mlflow_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{(Path(cfg.run_root) / 'mlflow.db').resolve()}"
+    return TrackerSettings(tuple(cfg.log.get("trackers", ["tensorboard"]) or []), cfg.log.get("project", "rlfuse"), uri,
+                           OmegaConf.to_container(cfg, resolve=True))
+
+
+def check_monitors(cfg: DictConfig) -> dict:
+    """eval.rewards, eval.diversity and eval.drift: valid, their weights present; returns the panel
+    {name: reward}, built once. Configs made before these keys existed have none."""
+    from rlfuse.cli import CONF_DIR, group_choices
+
+    panel = {}
+    for name in list(cfg.eval.get("rewards") or []):
+        check(name in group_choices("reward"),
+              f"eval.rewards: no reward {name!r}; choose among {', '.join(group_choices('reward'))}")
+        check(name != cfg.reward.name, f"eval.rewards: {name} is the trained reward (reward={name}); the panel holds "
+                                       f"rewards the run is not trained on")
+        node = OmegaConf.load(CONF_DIR / "reward" / f"{name}.yaml")
+        panel[name] = build_reward(node.fn, f"eval.rewards[{name}]", f"eval.rewards: {name}")
+    diversity = cfg.eval.get("diversity") or {}
+    space = diversity.get("space")
+    check(space in (None, "pixel", "clip"), f"eval.diversity.space={space}: use null (off), pixel or clip")
+    if space is not None:
+        for key in ("prompts", "images_per_prompt"):
+            check(diversity.get(key, 0) >= (2 if key == "images_per_prompt" else 1),
+                  f"eval.diversity.{key}={diversity.get(key)}: must be >= {2 if key == 'images_per_prompt' else 1}")
+        check(0 < diversity.get("collapse_ratio", 0.5) < 1,
+              f"eval.diversity.collapse_ratio={diversity.get('collapse_ratio')}: must be in (0, 1)")
+        check(cfg.eval.every > 0, "eval.diversity: measured at evaluations; set eval.every > 0")
+    if space == "clip":
+        from rlfuse.rewards.clip import check_clip_weights
+
+        try:
+            check_clip_weights(diversity.clip_model, diversity.clip_pretrained, "eval.diversity")
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    return panel
+
+
+def make_monitoring(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, reference, device):
+    """The evaluation's monitors (rlfuse.engine.monitors), or None when none is asked for. The drift KL
+    uses the algorithm's reference policy when it has one, else a reference of its own (LoRA: the
+    adapters switched off; full fine-tuning: a frozen copy)."""
+    from rlfuse.engine.evaluation import Monitoring
+    from rlfuse.engine.monitors import MonitorSettings, Watch
+    from rlfuse.lora import ReferencePolicy
+
+    diversity = cfg.eval.get("diversity") or {}
+    drift = bool(cfg.eval.get("drift", False))
+    clip = None
+    if diversity.get("space") == "clip":
+        from rlfuse.rewards.clip import ClipEmbedder
+
+        clip = ClipEmbedder(diversity.clip_model, diversity.clip_pretrained)
+    kl_sampler = None
+    if drift:
+        import copy
+
+        kl_sampler = copy.deepcopy(family.sampler(cfg.sample.eta, cfg.sample.sde_type))
+    settings = MonitorSettings(checked.panel, diversity.get("space"), diversity.get("prompts", 8),
+                               diversity.get("images_per_prompt", 4), clip, diversity.get("collapse_ratio", 0.5),
+                               drift, kl_sampler)
+    if not settings.active:
+        return None
+    if drift and reference is None:
+        reference = ReferencePolicy(network, cfg.model.finetune, device)
+    return Monitoring(settings, reference if drift else None, Watch(settings.collapse_ratio))
+
+
+def best_tracker(cfg: DictConfig):
+    """The tracker of checkpoint.best's metric (with early_stop), or None when checkpoint.best is null."""
+    from rlfuse.engine.best import BestTracker
+
+    if cfg.checkpoint.get("best") is None:
+        return None
+    stop = cfg.get("early_stop") or {}
+    return BestTracker(cfg.checkpoint.best, cfg.checkpoint.get("best_mode", "max"), stop.get("patience", 0),
+                       stop.get("min_delta", 0.0))
 
 
 # ----------------------------------------------------------------------------- resume and the run folder

@@ -31,7 +31,8 @@ log = logging.getLogger("rlfuse")
 
 
 def train(cfg: DictConfig) -> float:
-    """Run one training job; returns the last evaluation reward (the metric sweeps optimise)."""
+    """Run one training job; returns the metric sweeps optimise: checkpoint.best's best value when set,
+    else the last evaluation reward."""
     from accelerate.utils import gather_object
     from hydra.core.hydra_config import HydraConfig
     from torchvision.utils import make_grid
@@ -58,11 +59,13 @@ def train(cfg: DictConfig) -> float:
     # or checkpoint loading; with LoRA the same network with adapters off, never a copy.
     reference = ReferencePolicy(network, cfg.model.finetune, device, cfg.algorithm.get("reference_offload", False)) \
         if algorithm.needs_reference else None
+    monitoring = config.make_monitoring(cfg, checked, network, family, reference, device)  # None: no monitors
     resumed = checkpoint.list_checkpoints(run_dir)[-1] if cfg.resume is not None and \
         checkpoint.list_checkpoints(run_dir) else None
     if resumed is not None:  # the weights go in before the engine wraps (and, under FSDP, shards) the network
         optimizer_state, state = checkpoint.load_checkpoint(resumed, network)
     optimizer = config.make_optimizer(cfg, network)
+    lr_schedule = config.make_lr_schedule(cfg, checked, optimizer)  # before the optimizer state is restored
     trained, optimizer = accelerator.prepare(network, optimizer)
     params = list(trainable_parameters(accelerator.unwrap_model(trained)).values())  # as the engine holds them
     sampler = family.sampler(cfg.sample.eta, cfg.sample.sde_type)
@@ -76,20 +79,31 @@ def train(cfg: DictConfig) -> float:
                   run_dir)
 
     # ---- Resume: optimizer, algorithm state, RNG; the epochs logged after the checkpoint run again.
-    first_epoch = 1
+    first_epoch, best = 1, config.best_tracker(cfg)  # best: None without checkpoint.best
     if resumed is not None:
         first_epoch = checkpoint.restore(accelerator, optimizer, algorithm, optimizer_state, state)
+        if state.get("lr_schedule"):
+            lr_schedule.load_state_dict(state["lr_schedule"])
+        if best is not None and state.get("best"):
+            best.load_state_dict(state["best"])
         if is_main:
             log.info("resumed from %s: continuing at epoch %d", resumed, first_epoch)
             drop_epochs_from(run_dir / "metrics.jsonl", first_epoch)
-    logbook = Logbook(run_dir, first_epoch, cfg.epochs, show) if is_main else None
+    logbook = Logbook(run_dir, first_epoch, cfg.epochs, show, config.tracker_settings(cfg)) if is_main else None
     if is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False) if (cfg.eval.every > 0 and first_epoch == 1) \
-        else {}
+    last_eval = evaluation_stage(*evaluation, logbook, 0, final=False, monitoring=monitoring) \
+        if (cfg.eval.every > 0 and first_epoch == 1) else {}
     if last_eval and is_main:
         log.info("epoch 0 (before training) | eval reward %.4f", last_eval["eval_reward_mean"])
         logbook.record({"epoch": 0, **last_eval})
+    # A checkpoint of the epoch (or, with best=, checkpoints/best) with the loop's own state to resume.
+    save = lambda epoch, final, **best_note: checkpoint.save_epoch(  # noqa: E731
+        accelerator, run_dir, epoch, final, family, trained, optimizer, algorithm.state_dict(), cfg.model.finetune,
+        sharded, cfg.checkpoint.keep, {"lr_schedule": lr_schedule.state_dict(),
+                                       "best": best.state_dict() if best else None}, **best_note)
+    if last_eval and best is not None and best.observe(last_eval, 0):  # the base model may stay the best
+        save(0, False, best=best.note())
 
     guard = NonFiniteGuard(cfg.max_nonfinite_in_row)
     metrics: dict = {}
@@ -119,9 +133,12 @@ def train(cfg: DictConfig) -> float:
         metrics = epoch_metrics(epoch, scored.rewards, details, scored.stats, train_stats, guard.skipped, spread,
                                 micro_steps * cfg.hardware.train_batch_size * world, sample_seconds, train_seconds)
         # ---- 4. Evaluate: held-out prompts at fixed seeds.
+        new_best = False
         if cfg.eval.every > 0 and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
-            last_eval = evaluation_stage(*evaluation, logbook, epoch, final=epoch == cfg.epochs)
+            last_eval = evaluation_stage(*evaluation, logbook, epoch, final=epoch == cfg.epochs, monitoring=monitoring)
             metrics.update(last_eval)
+            new_best = best is not None and best.observe(metrics, epoch)
+        metrics["lr"] = lr_schedule.get_last_lr()[0]
         metrics["seconds"] = time.perf_counter() - epoch_start
         # ---- 5. Log: metrics.jsonl, TensorBoard, the samples' grid, the summary line.
         grid_now = cfg.log.images_every > 0 and epoch % cfg.log.images_every == 0
@@ -129,15 +146,24 @@ def train(cfg: DictConfig) -> float:
         if is_main:
             logbook.epoch(metrics, make_grid(torch.stack(grid_images[:cfg.log.grid_images]), nrow=4)
                           if grid_images else None)
-        # ---- 6. Checkpoint: atomically, everything needed to resume exactly.
-        if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs:
-            checkpoint.save_epoch(accelerator, run_dir, epoch, epoch == cfg.epochs, family, trained, optimizer,
-                                  algorithm.state_dict(), cfg.model.finetune, sharded, cfg.checkpoint.keep)
+        # ---- 6. Checkpoint: atomically, everything needed to resume exactly; the best evaluation's beside.
+        stop = best is not None and best.should_stop
+        if epoch % cfg.checkpoint.every == 0 or epoch == cfg.epochs or stop:
+            save(epoch, epoch == cfg.epochs or stop)
+        if new_best:
+            save(epoch, False, best=best.note())
+        if stop:
+            if is_main:
+                log.info(best.stop_reason())
+            break
 
     if logbook is not None:
         logbook.close()
     accelerator.end_training()
-    return float(last_eval.get("eval_reward_mean", metrics.get("reward_mean", math.nan)))
+    if best is not None and is_main:
+        log.info("best %s %.4f at epoch %d: %s", best.metric, best.best, best.best_epoch, checkpoint.best_dir(run_dir))
+    return best.best if best is not None else \
+        float(last_eval.get("eval_reward_mean", metrics.get("reward_mean", math.nan)))
 
 
 def main() -> None:

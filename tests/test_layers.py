@@ -18,7 +18,7 @@ LAYERS = {
     "rlfuse.sources": 3,
     "rlfuse.engine": 4,
     "rlfuse.train": 5, "rlfuse.config": 5, "rlfuse.cli": 5, "rlfuse.sample": 5, "rlfuse.evaluate": 5,
-    "rlfuse.reproduce": 5, "rlfuse.reward_server": 5, "rlfuse.toy.pretrain": 5, "rlfuse.__main__": 5,
+    "rlfuse.reproduce": 5, "rlfuse.export": 5, "rlfuse.reward_server": 5, "rlfuse.toy.pretrain": 5, "rlfuse.__main__": 5,
 }
 TOP = 5
 CONFIG_LIBRARIES = ("hydra", "omegaconf")

@@ -8,12 +8,15 @@ A checkpoint is a folder checkpoints/epoch_NNNNNN/ holding:
                             algorithm state), fp16 loss scale
     lora/                   LoRA in the diffusers format (pipeline.load_lora_weights(folder)), or
     pipeline/               a full pipeline folder (full fine-tuning, final checkpoint)
+checkpoints/best/ (checkpoint.best) holds the same for the best evaluation so far, with best.json
+(metric, value, epoch); rotation (checkpoint.keep) prunes only the epoch_ folders, never it.
 It is written under a temporary name and renamed into place, so a crash mid-write leaves the
 previous checkpoints untouched and never a half-written one under a real name.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -28,10 +31,15 @@ from safetensors.torch import load_file, save_file
 from rlfuse.errors import UserError
 
 PREFIX = "epoch_"
+BEST = "best"
 
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return run_dir / "checkpoints" / f"{PREFIX}{epoch:06d}"
+
+
+def best_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / BEST
 
 
 def rng_state() -> dict:
@@ -55,9 +63,11 @@ def save_checkpoint(
     extra_state: dict,
     export: Callable[[Path], None],
     keep: int,
+    folder: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of a finished epoch atomically; prune to the newest `keep` (0: all)."""
-    final = checkpoint_dir(run_dir, epoch)
+    """Write the checkpoint of a finished epoch atomically (to checkpoints/epoch_NNNNNN, or `folder`);
+    prune the epoch checkpoints to the newest `keep` (0: all)."""
+    final = folder or checkpoint_dir(run_dir, epoch)
     temporary = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -126,8 +136,11 @@ def load_checkpoint(folder: Path, module: torch.nn.Module) -> tuple[dict, dict]:
 
 def save_epoch(accelerator, run_dir: Path, epoch: int, final: bool, family, network: torch.nn.Module,
                optimizer: torch.optim.Optimizer, algorithm_state: dict, finetune: str, sharded: bool,
-               keep: int) -> None:
+               keep: int, run_state: dict | None = None, best: dict | None = None) -> None:
     """Checkpoint a finished epoch (rank 0 writes atomically; every process waits for it).
+
+    run_state: the loop's own state to resume (learning-rate schedule, best metric so far). best
+    (metric, value, epoch): write checkpoints/best instead, with best.json.
 
     network: the trained network as the engine holds it. Exports: LoRA in the diffusers format each
     time; after full fine-tuning, a whole pipeline folder at the final epoch. Under sharded engines
@@ -148,22 +161,24 @@ def save_epoch(accelerator, run_dir: Path, epoch: int, final: bool, family, netw
         def export(folder: Path) -> None:
             if finetune == "lora":
                 family.export_lora(inner, folder / "lora")
-            elif final:
+            elif final and best is None:
                 whole = inner
                 if sharded:  # a whole network on rank 0, from the gathered weights
                     whole = type(inner).from_config(inner.config)
                     whole.load_state_dict(gathered_weights)
                 family.export_pipeline(whole, folder / "pipeline")
+            if best is not None:
+                (folder / "best.json").write_text(json.dumps(best) + "\n")
 
-        extra = {"algorithm": algorithm_states[0], "algorithm_per_process": algorithm_states,  # one object pickled once
+        extra = {**(run_state or {}),"algorithm": algorithm_states[0], "algorithm_per_process": algorithm_states,  # one object pickled once
                  "rng_per_process": rng_states,
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         trainable = trainable_parameters(inner)
         if sharded:
             trainable = {name: gathered_weights[name] for name in trainable}
         saved = save_checkpoint(run_dir, epoch, trainable, {} if sharded else optimizer.state_dict(), extra, export,
-                                keep)
-        logging.getLogger("rlfuse").info("checkpoint: %s", saved)
+                                keep, best_dir(run_dir) if best is not None else None)
+        logging.getLogger("rlfuse").info("%s: %s", "best checkpoint" if best is not None else "checkpoint", saved)
     accelerator.wait_for_everyone()
 
 

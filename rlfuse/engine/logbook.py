@@ -1,10 +1,14 @@
-"""The log stage (rank 0): metrics.jsonl, TensorBoard scalars and image grids, the one-line summary."""
+"""The log stage (rank 0): metrics.jsonl, the trackers (TensorBoard, W&B, MLflow through accelerate's
+tracker classes: scalars every epoch, image grids, the resolved config as run parameters), the
+one-line summary."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,21 +48,80 @@ def summary_line(metrics: dict, epochs: int) -> str:
     return line
 
 
+@dataclass(frozen=True)
+class TrackerSettings:
+    """names: any of tensorboard, wandb, mlflow; project: the W&B project and MLflow experiment;
+    mlflow_uri: MLflow's tracking URI; run_config: the resolved config, stored as the run's parameters."""
+
+    names: tuple[str, ...] = ("tensorboard",)
+    project: str = "rlfuse"
+    mlflow_uri: str | None = None
+    run_config: dict = field(default_factory=dict)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and None as text (tracker parameters take scalars only)."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def make_tracker(name: str, run_dir: Path, first_epoch: int, settings: TrackerSettings):
+    """One accelerate tracker writing for run_dir, started. TensorBoard writes run_dir/tensorboard (a
+    resume purges the points of the epochs that run again); W&B writes run_dir/wandb under a run id made
+    from the folder, so that a resume continues the same W&B run; MLflow logs to settings.mlflow_uri."""
+    from accelerate import PartialState, tracking
+
+    PartialState()  # accelerate's trackers log through its state (made by the Accelerator in a run)
+    if name == "tensorboard":
+        tracker = tracking.TensorBoardTracker("tensorboard", run_dir, purge_step=first_epoch if first_epoch > 1 else None)
+    elif name == "wandb":
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        tracker = tracking.WandBTracker(settings.project, dir=str(run_dir), name=run_dir.name, id=run_id, resume="allow")
+    elif name == "mlflow":
+        import mlflow
+
+        artifacts = None
+        if settings.mlflow_uri:
+            mlflow.set_tracking_uri(settings.mlflow_uri)
+            if settings.mlflow_uri.startswith("sqlite:///"):  # a local store: images beside it, not in ./mlruns
+                artifacts = (Path(settings.mlflow_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        tracker = tracking.MLflowTracker(settings.project, logging_dir=artifacts, run_name=run_dir.name)
+    else:
+        raise ValueError(f"no tracker {name!r}")
+    tracker.start()
+    return tracker
+
+
 class Logbook:
-    """Rank 0's record of a run in run_dir. first_epoch > 1 (a resume): TensorBoard points of the
-    epochs that run again are purged."""
+    """Rank 0's record of a run in run_dir: metrics.jsonl, grids, and each tracker of trackers
+    (default: TensorBoard alone). first_epoch > 1: a resume."""
 
-    def __init__(self, run_dir: Path, first_epoch: int, epochs: int, progress: bool):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, run_dir: Path, first_epoch: int, epochs: int, progress: bool,
+                 trackers: TrackerSettings | None = None):
         self.run_dir, self.epochs, self.progress = run_dir, epochs, progress
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_epoch if first_epoch > 1 else None)
+        settings = trackers or TrackerSettings()
+        self.trackers = {name: make_tracker(name, run_dir, first_epoch, settings) for name in settings.names}
+        parameters = {**flatten(settings.run_config), "run_dir": str(run_dir.resolve())}
+        for name, tracker in self.trackers.items():
+            if name == "tensorboard":  # TensorBoard's hparams take few types; the run folder as text is enough
+                tracker.log({"run_dir": parameters["run_dir"]}, step=first_epoch - 1)
+            else:
+                tracker.store_init_configuration(parameters)
 
     def record(self, metrics: dict) -> None:
-        """One line of metrics.jsonl."""
+        """One line of metrics.jsonl, and its numbers to every tracker at step = the epoch."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        scalars = {name if name.startswith("eval") else f"train/{name}": float(value)
+                   for name, value in metrics.items() if name != "epoch" and isinstance(value, (int, float))}
+        for tracker in self.trackers.values():
+            tracker.log(scalars, step=metrics["epoch"])
 
     def epoch(self, metrics: dict, samples_grid: torch.Tensor | None) -> None:
         """An epoch's metrics everywhere, its samples' grid (if any) in TensorBoard and samples/, and
@@ -67,22 +130,36 @@ class Logbook:
 
         epoch = metrics["epoch"]
         self.record(metrics)
-        for name, value in metrics.items():
-            if name != "epoch":
-                self.writer.add_scalar(name if name.startswith("eval") else f"train/{name}", value, epoch)
         if samples_grid is not None:
-            self.writer.add_image("samples", samples_grid, epoch)
+            self.image("samples", samples_grid, epoch)
             (self.run_dir / "samples").mkdir(exist_ok=True)
             save_image(samples_grid, self.run_dir / "samples" / f"epoch_{epoch:04d}.png")
-        self.writer.flush()
         line = summary_line(metrics, self.epochs)
         tqdm.write(line) if self.progress else log.info(line)
 
+    def image(self, name: str, grid: torch.Tensor, epoch: int) -> None:
+        """A (3, H, W) grid in [0, 1] to every tracker."""
+        pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
+        for tracker_name, tracker in self.trackers.items():
+            if tracker_name == "tensorboard":
+                tracker.log_images({name: pixels[None]}, step=epoch)   # (1, 3, H, W)
+            elif tracker_name == "wandb":
+                tracker.log_images({name: [pixels.permute(1, 2, 0).numpy()]}, step=epoch)
+            elif tracker_name == "mlflow":
+                import mlflow
+
+                mlflow.log_image(pixels.permute(1, 2, 0).numpy(), key=name.replace("/", "_"), step=epoch)
+
     def eval_grid(self, grid: torch.Tensor, epoch: int) -> None:
-        self.writer.add_image("eval/images", grid, epoch)
+        self.image("eval/images", grid, epoch)
 
     def close(self) -> None:
-        self.writer.close()
+        for tracker in self.trackers.values():
+            tracker.finish()
+        if "wandb" in self.trackers:  # stop W&B's background service now, not at interpreter exit
+            import wandb
+
+            wandb.teardown()
 
 
 def epoch_metrics(epoch: int, rewards: torch.Tensor, details: dict[str, list[float]], advantage_stats: dict,
