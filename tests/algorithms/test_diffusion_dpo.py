@@ -153,3 +153,37 @@ def test_a_moving_reference_is_a_second_adapter_refreshed_every_n_epochs(lora_po
     assert all(torch.equal(r, t) for r, t in pairs)
     algorithm.load_state_dict(state)                                    # resume restores the older reference
     assert algorithm.epochs == 1 and not any(torch.equal(r, t) for r, t in pairs)
+
+
+def test_on_a_flow_model_the_target_is_the_velocity_and_the_pair_shares_sigma():
+    """tiny_sd3 with LoRA: the loss regresses eps - x_0 at x_sigma = (1 - sigma) x_0 + sigma eps, one sigma per pair."""
+    from rlfuse.families.sd3 import StableDiffusion3
+    from rlfuse.families.tiny import build_tiny_sd3
+    from rlfuse.lora import ReferencePolicy, add_lora
+    from rlfuse.policy import Policy
+
+    pipeline = build_tiny_sd3(seed=0)
+    add_lora(pipeline.transformer, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    family = StableDiffusion3(pipeline, max_sequence_length=16)
+    policy = Policy(pipeline.transformer, family, family.sampler(0.7), 4.5,
+                    ReferencePolicy(pipeline.transformer, "lora", torch.device("cpu")))
+    seen = {}
+    forward_noising = policy.sampler.forward_noising
+
+    def record(samples, noise, timesteps):
+        noisy, target = forward_noising(samples, noise, timesteps)
+        seen.update(samples=samples, noise=noise, timesteps=timesteps, noisy=noisy, target=target)
+        return noisy, target
+
+    policy.sampler.forward_noising = record
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 16, 16, 16)
+    conditioning = family.encode_prompts(["a cat", "a cat", "a dog", "a dog"], torch.device("cpu"))
+    batch = pair_batch(x0, torch.zeros(4, 1, 1))
+    batch.conditioning = conditioning
+    loss, _ = DiffusionDPO(beta=100.0).loss(policy, batch, torch.zeros(4, dtype=torch.long))
+    sigma = (seen["timesteps"] / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(seen["target"], seen["noise"] - x0)
+    torch.testing.assert_close(seen["noisy"], (1 - sigma) * x0 + sigma * seen["noise"])
+    torch.testing.assert_close(seen["timesteps"][0::2], seen["timesteps"][1::2])
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
