@@ -105,3 +105,20 @@ def test_human_pairs_never_overwrite_a_folder(tmp_path, capsys):
         evaluate_main([str(tmp_path), "--human-pairs", str(tmp_path / "taken")])
     assert stop.value.code == 2 and "already exists" in capsys.readouterr().err
     assert Path(tmp_path / "taken").is_dir()
+
+
+@pytest.mark.slow
+def test_diffusion_dpo_from_reward_ranked_pairs_sampled_once_raises_the_held_out_reward(tmp_path):
+    """model=toy, pairs ranked by a smooth reward (mean brightness) among 4 images of each of 16 prompts,
+    sampled once; 6 epochs of Diffusion-DPO on them. Seeded: measured 0.903 -> 0.924 on 16 held-out images
+    (docs/results.md); a rise of 0.01 or more is asserted."""
+    code, stderr = run_train(
+        "algorithm=diffusion_dpo", "feedback=pairs", "feedback.ranked.resample_every=0", "progress=false",
+        "reward.fn._target_=tests.brightness_reward.BrightnessReward", "feedback.ranked.prompts_per_round=16",
+        "feedback.pairs_per_epoch=8", "epochs=6", "eval.every=6", "eval.num_images=16", "algorithm.learning_rate=1e-5",
+        "log.images_every=0", "checkpoint.every=100", "hydra.run.dir=" + str(tmp_path / "run"))
+    assert code == 0, stderr
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before, after = metrics[0]["eval_reward_mean"], metrics[-1]["eval_reward_mean"]
+    assert after > before + 0.01, (before, after)
+    assert metrics[-1]["implicit_accuracy"] > 0.5
