@@ -23,6 +23,7 @@ pairs: their scores), and x_0 in next_latents (B, 1, C, h, w) (latents holds x_0
 from __future__ import annotations
 
 import io
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -39,6 +40,8 @@ from rlfuse.families.common import encode_images
 from rlfuse.seeding import seed_for
 from rlfuse.sources import EpochBatch
 from rlfuse.trajectories import Conditioning, Trajectories
+
+log = logging.getLogger("rlfuse")
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 READ_BATCH = 64     # parquet rows decoded at a time
@@ -302,6 +305,8 @@ class RankedPairs:
                     keys = (f"ranked:{epoch}:{ids[g * k + best]}", f"ranked:{epoch}:{ids[g * k + worst]}")
                     self.items.append(PairItem(prompts[g * k], keys, (latents[g, best], latents[g, worst]),
                                                (float(scores[g, best]), float(scores[g, worst]))))
+        log.info("reward-ranked pairs, epoch %d: %d pairs from %d prompts (the others' images all scored the same)",
+                 epoch, len(self.items), len(chosen))
 
     def pairs(self, epoch: int, count: int) -> list[PairItem]:
         s = self.settings
