@@ -157,6 +157,8 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
           f"{sample_cfg.images_per_prompt}")
     if (OmegaConf.select(cfg, "algorithm.objective.replay_buffer.capacity", default=0) or 0) > 0:
         return  # minibatches of single transitions drawn from a replay buffer: any sizes fit
+    if OmegaConf.select(cfg, "feedback.name") == "pairs":
+        return  # the pairs source's sizes are its own (check_pairs_feedback)
     samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
     check(samples_per_process % hw.train_batch_size == 0,
           f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "

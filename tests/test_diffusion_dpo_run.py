@@ -43,14 +43,25 @@ def run_train(*args: str) -> tuple[int, str]:
     (None, ["feedback.pairs_per_epoch=3"], "must divide the images per epoch (2 x feedback.pairs_per_epoch = 6)"),
     (None, ["model.finetune=full", "algorithm.objective.reference_every=2"], "the moving reference is a second LoRA"),
     (None, ["feedback.ranked.images_per_prompt=1"], "feedback.ranked.images_per_prompt=1: must be >= 2"),
+    (None, ["algorithm.gradient_accumulation_steps=3"],
+     "must divide the training minibatches per epoch (32 = 2 x feedback.pairs_per_epoch / hardware.train_batch_size)"),
 ], ids=["no_pairs", "not_dpo", "missing_file", "missing_column", "all_ties", "undecodable", "odd_minibatch",
-        "moving_reference_full", "ranked_k"])
+        "moving_reference_full", "ranked_k", "accumulation"])
 def test_bad_pair_settings_stop_in_one_line_with_exit_2_and_no_run_folder(tmp_path, make, overrides, expected):
     path = [f"feedback.path={make(tmp_path)}"] if make is not None else []
     code, stderr = run_train(*TINY, *path, *overrides, f"run_root={tmp_path / 'runs'}")
     assert code == 2 and expected in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_pairs_source_sizes_its_own_minibatches():
+    """Accumulation is checked against the pairs per epoch, not the sampling batches feedback=pairs does not use."""
+    from rlfuse.cli import check_overrides
+    from rlfuse.config import preflight
+
+    cfg = check_overrides("train", [*TINY, "algorithm.gradient_accumulation_steps=16", "feedback.pairs_per_epoch=128"])
+    assert preflight(cfg).pairs
 
 
 def test_a_run_from_a_parquet_file_then_human_pairs_of_base_against_fine_tuned(tmp_path, capsys):
