@@ -2,7 +2,7 @@
 
 No chains and no sampler log-probabilities: a pair is two clean images x_0^w (preferred) and x_0^l
 of one prompt. Both are noised to the SAME timestep t with the SAME noise eps by the forward process,
-and the network's error on each is compared with the reference model's (the paper's Eq. 14):
+and the network's error on each is compared with the reference model's (the paper's objective):
 
     err(x_0) = mean_CHW || f(x_t, t, c) - target ||^2     (per sample: target eps, v or the velocity)
     inside   = -beta / 2 * ( (err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l)) )
