@@ -130,6 +130,7 @@ class Checked:
     trainable_steps: torch.Tensor   # (T',) the sampler steps that may be trained on
     replay: bool                    # feedback=human: the replay source instead of online sampling
     panel: dict = field(default_factory=dict)  # eval.rewards: {name: reward}, scored on held-out images only
+    pairs: bool = False             # feedback=pairs: clean preference pairs (rlfuse/sources/pairs.py)
 
 
 def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
@@ -158,6 +159,8 @@ def check_numbers(cfg: DictConfig, likelihood_free: bool = False) -> None:
           f"{sample_cfg.images_per_prompt}")
     if (OmegaConf.select(cfg, "algorithm.objective.replay_buffer.capacity", default=0) or 0) > 0:
         return  # minibatches of single transitions drawn from a replay buffer: any sizes fit
+    if OmegaConf.select(cfg, "feedback.name") == "pairs":
+        return  # the pairs source's sizes are its own (check_pairs_feedback)
     samples_per_process = sample_cfg.batches_per_epoch * hw.sample_batch_size
     check(samples_per_process % hw.train_batch_size == 0,
           f"hardware.train_batch_size={hw.train_batch_size} must divide the samples per process per epoch "
@@ -194,10 +197,18 @@ def check_window(cfg: DictConfig) -> int:
     return size
 
 
-def check_capabilities(cfg: DictConfig, algorithm, replay: bool) -> None:
+def check_capabilities(cfg: DictConfig, algorithm, replay: bool, pairs: bool = False) -> None:
     """What the algorithm needs against what the source and the settings give, refused once, here."""
     name = cfg.algorithm.name
-    source_pairs = True if replay else online_settings(cfg).pairs
+    clean_pairs = getattr(algorithm, "clean_pairs", False)
+    check(clean_pairs == pairs, f"algorithm={name} trains on clean preference pairs: add feedback=pairs "
+                                f"(feedback.path=<parquet files or labelled datasets>, or reward-ranked pairs)"
+          if clean_pairs else f"feedback=pairs: algorithm={name} cannot learn from clean preference pairs; use "
+                              f"algorithm=diffusion_dpo")
+    check(getattr(algorithm, "reference_every", 0) == 0 or cfg.model.finetune == "lora",
+          f"algorithm.objective.reference_every={getattr(algorithm, 'reference_every', 0)}: the moving reference is a "
+          f"second LoRA adapter; set model.finetune=lora, or reference_every=0 (the base model)")
+    source_pairs = True if replay or pairs else online_settings(cfg).pairs
     if algorithm.pairs:  # rows 2i, 2i+1: two images of one prompt from the same noise
         check(source_pairs,
               f"algorithm={name} trains on pairs of images of one prompt from the same initial noise: "
@@ -263,6 +274,8 @@ def preflight(cfg: DictConfig) -> Checked:
     stds = sampler.step_stds(cfg.sample.num_steps)                       # (T,) the std of each sampler step
     steps = trainable_steps(stds, cfg.algorithm.min_step_std) if not algorithm.likelihood_free \
         else torch.arange(cfg.sample.num_steps)             # clean samples: every noise level of the schedule
+    if getattr(algorithm, "clean_pairs", False):            # clean pairs: each "step" one draw of (t, noise)
+        steps = torch.arange(algorithm.timesteps_per_pair)
     window = check_window(cfg)
     if window and not algorithm.likelihood_free:  # only the window's steps are stored: the trainable ones, if noisy
         _, first, end, _ = window_settings(cfg)
@@ -274,7 +287,10 @@ def preflight(cfg: DictConfig) -> Checked:
           f"algorithm.min_step_std={cfg.algorithm.min_step_std}: no sampler step has that much noise at "
           f"sample.num_steps={cfg.sample.num_steps}, eta={cfg.sample.eta}; lower it")
     replay = OmegaConf.select(cfg, "feedback.name") == "human"
-    check_capabilities(cfg, algorithm, replay)
+    pairs = OmegaConf.select(cfg, "feedback.name") == "pairs"
+    check_capabilities(cfg, algorithm, replay, pairs)
+    if pairs:
+        check_pairs_feedback(cfg)
     if replay:  # labelled pairs replace sampling (rlfuse/sources/replay.py)
         from rlfuse import feedback
 
@@ -286,7 +302,7 @@ def preflight(cfg: DictConfig) -> Checked:
                           cfg.prompts.name)
     check_watch(cfg)
     panel = check_monitors(cfg)
-    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay, panel)
+    return Checked(algorithm, reward, train_prompts, eval_prompts, steps, replay, panel=panel, pairs=pairs)
 
 
 # ----------------------------------------------------------------------------- schedules, best checkpoint, trackers
@@ -451,6 +467,36 @@ def best_tracker(cfg: DictConfig):
                        stop.get("min_delta", 0.0))
 
 
+
+
+def check_pairs_feedback(cfg: DictConfig) -> None:
+    """feedback=pairs: sizes that make whole minibatches, and the pairs' files readable (parquet: columns,
+    usable rows, the first rows' images; datasets: labelled) or the reward-ranked settings."""
+    from rlfuse.sources.pairs import ParquetPairs, open_pairs
+
+    fb, hw = cfg.feedback, cfg.hardware
+    check(fb.pairs_per_epoch >= 1, f"feedback.pairs_per_epoch={fb.pairs_per_epoch}: must be >= 1")
+    check(fb.cache_size >= 0, f"feedback.cache_size={fb.cache_size}: must be >= 0 (0: no cache)")
+    check(2 * fb.pairs_per_epoch % hw.train_batch_size == 0,
+          f"hardware.train_batch_size={hw.train_batch_size} must divide the images per epoch "
+          f"(2 x feedback.pairs_per_epoch = {2 * fb.pairs_per_epoch})")
+    minibatches = 2 * fb.pairs_per_epoch // hw.train_batch_size
+    check(minibatches % cfg.algorithm.gradient_accumulation_steps == 0,
+          f"algorithm.gradient_accumulation_steps={cfg.algorithm.gradient_accumulation_steps} must divide the training "
+          f"minibatches per epoch ({minibatches} = 2 x feedback.pairs_per_epoch / hardware.train_batch_size)")
+    if fb.path is None:
+        ranked = fb.ranked
+        check(ranked.images_per_prompt >= 2, f"feedback.ranked.images_per_prompt={ranked.images_per_prompt}: must be "
+                                             f">= 2 (the best against the worst)")
+        check(ranked.prompts_per_round >= 1, f"feedback.ranked.prompts_per_round={ranked.prompts_per_round}: must be >= 1")
+        check(ranked.resample_every >= 0, f"feedback.ranked.resample_every={ranked.resample_every}: must be >= 0 "
+                                          f"(0: sample once, then train offline)")
+        return
+    pool = open_pairs(str(fb.path), cfg.seed)
+    if isinstance(pool, ParquetPairs):
+        pool.check_images(cfg.model.resolution)
+
+
 # ----------------------------------------------------------------------------- resume and the run folder
 
 
@@ -564,6 +610,8 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
         from rlfuse.sources.replay import load_replay
 
         return load_replay(cfg.feedback.path, family, device, cfg.seed, rank, world, cfg.log.grid_images)
+    if checked.pairs:
+        return make_pairs_source(cfg, checked, network, family, sampler, accelerator)
     from rlfuse.sources.online import OnlineSource
 
     algorithm = checked.algorithm
@@ -571,6 +619,22 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
                         family.latent_shape(cfg.model.resolution), online_settings(cfg, algorithm.likelihood_free),
                         rank, world, device, accelerator.autocast, progress,
                         algorithm.sampling if algorithm.likelihood_free else None)
+
+
+def make_pairs_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, sampler, accelerator):
+    """feedback=pairs: parquet or labelled-dataset pairs at feedback.path, or reward-ranked pairs of the policy."""
+    from rlfuse.sources.pairs import PairsSource, RankedPairs, RankedSettings, open_pairs
+
+    fb, device = cfg.feedback, accelerator.device
+    if fb.path is not None:
+        pool = open_pairs(str(fb.path), cfg.seed)
+    else:
+        ranked = RankedSettings(fb.ranked.prompts_per_round, fb.ranked.images_per_prompt, fb.ranked.resample_every,
+                                cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.seed)
+        pool = RankedPairs(network, family, sampler, checked.reward, checked.train_prompts,
+                           family.latent_shape(cfg.model.resolution), ranked, device, accelerator.autocast)
+    return PairsSource(pool, family, cfg.model.resolution, fb.pairs_per_epoch, fb.cache_size, device,
+                       accelerator.process_index, accelerator.num_processes, cfg.log.grid_images)
 
 
 def online_settings(cfg: DictConfig, clean: bool = False):

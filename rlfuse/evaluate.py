@@ -2,6 +2,7 @@
 
     python -m rlfuse.evaluate <run folder or checkpoint folder> [--rewards jpeg,alignment ...]
         [--set reward.fn.key=value ...] [--num-prompts 8] [--images-per-prompt 4] [--out <folder>]
+        [--human-pairs <folder>]
 
 Both models sample the same held-out prompts from the same noise (fixed seeds), so every difference
 in the images is the fine-tuning's. The report (<out>/REPORT.md, <out>/report.json) holds:
@@ -11,6 +12,11 @@ in the images is the fine-tuning's. The report (<out>/REPORT.md, <out>/report.js
 - drift from the base model: the mean pixel and latent distance between base and fine-tuned images
   drawn from the same noise;
 - side-by-side grids (base | fine-tuned, same seeds) and PNG plots of the run's metrics.jsonl.
+
+With --human-pairs, it also writes a dataset for people to judge (the annotator's format, one group of
+two images per prompt and seed: base and fine-tuned from the same noise, in a seeded random order
+recorded in comparison.json); label it with `python -m rlfuse.annotate <folder> --task pair`, then
+`python -m rlfuse.annotate winrate <folder>` gives the fine-tuned model's win rate.
 """
 
 from __future__ import annotations
@@ -153,15 +159,38 @@ def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]
             "stderr": stderr}
 
 
+def write_human_pairs(out: Path, prompts: list[str], seeds: list[int], base_images: torch.Tensor,
+                      tuned_images: torch.Tensor, seed: int, run_dir: Path, checkpoint: Path, model: str) -> dict:
+    """A dataset of G = len(prompts) groups of two images, base and fine-tuned from one seed, the
+    fine-tuned one at position finetuned[g] (a seeded coin), recorded in comparison.json; returns that record."""
+    import numpy as np
+
+    from rlfuse.annotate.winrate import COMPARISON, COMPARISON_FORMAT
+    from rlfuse.rewards.jpeg import to_uint8
+    from rlfuse.sample import write_dataset
+
+    finetuned = np.random.default_rng(seed).integers(0, 2, len(prompts)).tolist()
+    rows = [torch.stack([base_images[g], tuned_images[g]][::(1 if side == 1 else -1)])
+            for g, side in enumerate(finetuned)]
+    record = {"format": COMPARISON_FORMAT, "version": 1, "finetuned": finetuned, "seed": seed, "model": model,
+              "run": str(run_dir), "checkpoint": str(checkpoint)}
+    write_dataset(out, {"comparison": "base against fine-tuned: which image is which is in comparison.json"},
+                  prompts, seeds, to_uint8(torch.cat(rows)), None, None, None, {COMPARISON: record})
+    return record
+
+
 def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts: int, images_per_prompt: int,
-             out: Path | None, seed: int = 1234) -> dict:
-    """Sample base and fine-tuned images at fixed seeds, score, compare; write the report. Returns its numbers."""
+             out: Path | None, seed: int = 1234, human_pairs: Path | None = None) -> dict:
+    """Sample base and fine-tuned images at fixed seeds, score, compare; write the report (and, with
+    human_pairs, the dataset for people to judge). Returns its numbers."""
     from omegaconf import OmegaConf
     from torchvision.utils import make_grid, save_image
 
     from rlfuse.prompts import load_prompts
     from rlfuse.rewards.base import score
 
+    if human_pairs is not None and human_pairs.exists():
+        raise UserError(f"--human-pairs {human_pairs}: already exists; a dataset is never overwritten: choose a new folder")
     run_dir, checkpoint = find_checkpoint(target)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     out = out or run_dir / "evaluation"
@@ -198,6 +227,9 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
         "drift": {"pixel_rms": float(((tuned_images - base_images) ** 2).mean().sqrt()),
                   "latent_rms": float(((tuned_latents - base_latents) ** 2).mean().sqrt())},
     }
+    if human_pairs is not None:
+        report["human_pairs"] = {"folder": str(human_pairs), **write_human_pairs(
+            human_pairs, prompts, seeds, base_images, tuned_images, seed, run_dir, checkpoint, run_cfg.model.name)}
     out.mkdir(parents=True, exist_ok=True)
     # Side by side: each row one prompt's images, base on the left, fine-tuned on the right.
     rows = []
@@ -246,16 +278,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (diversity needs >= 2)")
     parser.add_argument("--seed", type=int, default=1234, help="noise seed: the same images every time")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: <run>/evaluation)")
+    parser.add_argument("--human-pairs", type=Path, default=None, metavar="FOLDER",
+                        help="also write base-vs-fine-tuned pairs for people to label (rlfuse.annotate --task pair; "
+                             "then rlfuse.annotate winrate FOLDER)")
     args = parser.parse_args(argv)
     try:
         if args.num_prompts < 1 or args.images_per_prompt < 1:
             raise UserError("--num-prompts and --images-per-prompt must be >= 1")
         report = evaluate(args.target, [r for r in args.rewards.split(",") if r], args.set, args.num_prompts,
-                          args.images_per_prompt, args.out, args.seed)
+                          args.images_per_prompt, args.out, args.seed, args.human_pairs)
     except UserError as error:
         fail(str(error))
     out = args.out or Path(report["run"]) / "evaluation"
     print(f"report: {out / 'REPORT.md'}")
+    if args.human_pairs is not None:
+        print(f"pairs to label: {args.human_pairs} ({len(report['human_pairs']['finetuned'])} pairs): "
+              f"python -m rlfuse.annotate {args.human_pairs} --task pair")
     for name, v in report["scores"].items():
         print(f"{name}: base {v['base']:.4f} -> fine-tuned {v['finetuned']:.4f} ({v['change']:+.4f})")
     sys.stdout.flush()

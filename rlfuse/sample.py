@@ -107,12 +107,15 @@ def sample(cfg: DictConfig) -> None:
 
 
 def write_dataset(out: Path, manifest: dict, prompts: list[str], seeds: list[int], images: np.ndarray,
-                  latents: torch.Tensor, log_probs: torch.Tensor, timesteps: torch.Tensor) -> None:
+                  latents: torch.Tensor | None, log_probs: torch.Tensor | None, timesteps: torch.Tensor | None,
+                  documents: dict[str, dict] | None = None) -> None:
     """Write a feedback dataset folder atomically: everything goes into a temporary folder beside
     `out`, which is renamed into place last; `out` must not exist (a dataset is never overwritten).
 
     manifest: the extra manifest keys (model, sampler, seed, ...); prompts, seeds: one per group;
-    images: (G * K, H, W, 3) uint8, row g * K + k; latents, log_probs, timesteps: as save_trajectories.
+    images: (G * K, H, W, 3) uint8, row g * K + k; latents, log_probs, timesteps: as save_trajectories,
+    or None for a dataset of images only (one to label, not to replay); documents: further JSON files
+    {name: content} written beside the manifest.
     """
     import shutil
     from datetime import datetime, timezone
@@ -135,9 +138,14 @@ def write_dataset(out: Path, manifest: dict, prompts: list[str], seeds: list[int
                 Image.fromarray(images[g * k_images + k]).save(staging / name)
                 entries.append({"id": image_id(g, k), "file": name, "sha256": sha256_file(staging / name)})
             groups.append({"index": g, "prompt": prompt, "seed": seed, "images": entries})
-        save_trajectories(staging / TRAJECTORIES, latents, log_probs, timesteps)
+        files = {}
+        if latents is not None:
+            save_trajectories(staging / TRAJECTORIES, latents, log_probs, timesteps)
+            files[TRAJECTORIES] = sha256_file(staging / TRAJECTORIES)
+        for name, content in (documents or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
         document = {"format": FORMAT, "version": VERSION, "images_per_prompt": k_images, "groups": groups,
-                    "files": {TRAJECTORIES: sha256_file(staging / TRAJECTORIES)}, **manifest,
+                    "files": files, **manifest,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / "manifest.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
         if out.exists():

@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> float:
     # ---- Models: the family's parts on the device, the trained network, its reference, the optimizer.
     family = config.load_family(cfg)
     network = config.place_models(cfg, family, device)
-    if algorithm.likelihood_free:  # its own sampling policy (DiffusionNFT's old policy), before any checkpoint
+    if hasattr(algorithm, "attach"):  # an adapter of its own (DiffusionNFT's old policy), before any checkpoint
         algorithm.attach(network)
     # The base model for algorithms that regularise towards it (D3PO, DPOK): taken before any training
     # or checkpoint loading; with LoRA the same network with adapters off, never a copy.
@@ -122,7 +122,7 @@ def train(cfg: DictConfig) -> float:
         train_stats, micro_steps = optimize(policy, algorithm, scored.samples, checked.trainable_steps,
                                             optimize_settings, accelerator, optimizer, params, guard, epoch,
                                             show) if scored.finite else ({}, 0)
-        if algorithm.likelihood_free:  # the old policy follows the trained one
+        if hasattr(algorithm, "end_epoch"):  # DiffusionNFT's old policy follows the trained one
             train_stats.update(algorithm.end_epoch(micro_steps // config.micro_steps_per_update(cfg, checked)))
         train_seconds = time.perf_counter() - train_start
         # Every process must hold the same trained weights: a broken synchronisation shows in the logs.

@@ -28,6 +28,10 @@ class Algorithm(Protocol):
         old policy: it provides attach(network) (before any checkpoint is loaded), sampling() (the
         context rollouts run in) and end_epoch(updates) -> diagnostics (after each optimize stage).
 
+    Optional: clean_pairs (Diffusion-DPO): trains on clean winner and loser images of preference pairs
+    from the pairs source (feedback=pairs), rows 2i and 2i + 1, and on nothing else; attach(network) and
+    end_epoch(updates) -> diagnostics, called when present (an adapter of its own, as above).
+
     Optional: replay_buffer, a rlfuse.replay_buffer.TransitionBuffer (absent or None: on-policy training
     over the epoch's chains). An algorithm with one (DPOK's schedule) provides remember(samples, steps,
     generator) -> diagnostics, called once per epoch to add the chains, and is trained on random single

@@ -3,6 +3,7 @@
     python -m rlfuse.annotate <dataset> [--task best|pair|goodbad] [--host 127.0.0.1] [--port 8000]
     python -m rlfuse.annotate export <dataset> --format d3po|pairs -o labels.json [--annotator NAME]
     python -m rlfuse.annotate import <dataset> feedback.json [--format d3po] [--annotator NAME]
+    python -m rlfuse.annotate winrate <dataset> [--json]     (a dataset from rlfuse.evaluate --human-pairs)
 
 Every mistake (a broken dataset, a malformed file, a busy port) is one line on stderr, exit code 2.
 """
@@ -112,10 +113,22 @@ def import_main(argv: list[str]) -> None:
     print(f"imported {added} labels from {args.file} ({present} already present)")
 
 
+def winrate_main(argv: list[str]) -> None:
+    from rlfuse.annotate.winrate import render, win_rate
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} winrate", description="The fine-tuned model's win rate over its "
+                                     "base model, from the labels of a dataset written by rlfuse.evaluate --human-pairs.")
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    args = parser.parse_args(argv)
+    result = win_rate(args.dataset)
+    print(json.dumps(result, indent=1) if args.json else render(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"export": export_main, "import": import_main}
+    commands = {"export": export_main, "import": import_main, "winrate": winrate_main}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])

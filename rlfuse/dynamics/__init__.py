@@ -13,7 +13,8 @@ class Sampler(Protocol):
     """A stochastic sampler whose every step is a Gaussian the policy can score.
 
     The rollout calls set_timesteps, initial_latents, model_input and step; training calls
-    model_input and transition on recorded steps; the start-up checks call step_stds.
+    model_input and transition on recorded steps, or forward_noising at training_timesteps (noise levels
+    drawn as the model is trained) on clean samples; the start-up checks call step_stds.
     """
 
     name: str
@@ -32,5 +33,7 @@ class Sampler(Protocol):
 
     def forward_noising(self, samples: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def training_timesteps(self, count: int) -> torch.Tensor: ...
 
     def step_stds(self, num_steps: int) -> torch.Tensor: ...

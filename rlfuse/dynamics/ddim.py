@@ -212,6 +212,11 @@ class DDIMSampler:
             return noisy, self.scheduler.get_velocity(samples, noise, timesteps)
         return noisy, samples
 
+    def training_timesteps(self, count: int) -> torch.Tensor:
+        """(count,) long timesteps drawn uniformly from the scheduler's training steps (torch's global
+        generator), as diffusion models are trained (and Diffusion-DPO's reference code draws them)."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,))
+
     def step_stds(self, num_steps: int) -> torch.Tensor:
         """(T,) float64 std of each step of a num_steps chain."""
         self.scheduler.set_timesteps(num_steps)

@@ -159,6 +159,19 @@ class FlowSampler:
         sigma = _per_sample(torch.as_tensor(timesteps, device=samples.device) / 1000.0, samples)
         return (1 - sigma) * samples + sigma * noise, noise - samples
 
+    def training_timesteps(self, count: int) -> torch.Tensor:
+        """(count,) float timesteps sigma * 1000 for training on the forward process: u ~ logit-normal(0, 1)
+        (Esser et al. 2024, arXiv 2403.03206, as SD3 is trained and flow_grpo's DPO draws them), shifted as
+        the scheduler shifts its sigmas (shift s: s u / (1 + (s - 1) u); dynamic shift mu:
+        e^mu / (e^mu + 1 / u - 1)). torch's global generator."""
+        u = torch.sigmoid(torch.randn(count, dtype=torch.float64))
+        if self.mu is not None:
+            sigma = math.exp(self.mu) / (math.exp(self.mu) + 1 / u - 1)
+        else:
+            shift = self.scheduler.config.shift
+            sigma = shift * u / (1 + (shift - 1) * u)
+        return (sigma * 1000).float()
+
     def step_stds(self, num_steps: int) -> torch.Tensor:
         """(T,) float64 std of each step of a num_steps chain."""
         timesteps = self.set_timesteps(num_steps).cpu()

@@ -105,6 +105,16 @@ def decode_shifted(vae, latents: torch.Tensor) -> torch.Tensor:
     return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, C, h, w) latents as the family's sampler sees them: the mean
+    of the VAE's posterior, shifted (SD3, FLUX; SD has no shift) and scaled, the inverse of decoding.
+    Every family keeps its diffusers pipeline's VAE as pipeline.vae."""
+    posterior = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((posterior.mean.float() - shift) * vae.config.scaling_factor)
+
+
 def export_transformer_lora(pipeline_class, network: torch.nn.Module, folder: Path) -> None:
     """A transformer's LoRA in the diffusers format, its alpha in the adapter metadata (without it the
     loader assumes alpha = rank): pipeline_class.load_lora_weights(folder) gives the trained model exactly."""

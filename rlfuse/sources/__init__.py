@@ -2,6 +2,7 @@
 
 online: roll out the current policy, decode, reward (feedback=none).
 replay: a labelled feedback dataset's stored chains, as preference pairs (feedback=human).
+pairs: clean preference pairs, from parquet files, labelled datasets or reward ranking (feedback=pairs).
 """
 
 from __future__ import annotations
