@@ -58,8 +58,8 @@ TOY_COMMON = [
 ]
 # The evaluation after training (both scales): every held-out prompt (up to 133: the shapes world's held-out set)
 # x 2 images, base and fine-tuned from the same noise, so that a change of a few hundredths shows beyond two
-# standard errors of the paired difference. A subset misleads: on the first 32 shapes captions (single objects,
-# the model's strong suit) a DPOK run fell by 0.05 while the whole held-out set rose by 0.04.
+# standard errors of the paired difference. A subset misleads: on the first 32 shapes captions x 4 images
+# a DPOK run fell by 0.05 while the same weights rose by 0.04 on all 133 captions.
 EVAL_SIZE = ["--num-prompts", "133", "--images-per-prompt", "2"]
 TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # Models: JPEG rewards need no weights and run on model=tiny (random, learns JPEG size in a minute);
