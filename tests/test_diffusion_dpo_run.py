@@ -1,10 +1,7 @@
 """Diffusion-DPO through the program: start-up checks of feedback=pairs, a run from a parquet file, and
 `rlfuse.evaluate --human-pairs` writing a base-against-fine-tuned dataset the annotator loads."""
 
-import io
 import json
-import sys
-from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +9,10 @@ import pytest
 from PIL import Image
 
 from tests.sources.test_pairs import write_parquet
+from tests.test_feedback import run_train_in_process as run_train
 
 TINY = ["model=tiny", "reward=jpeg", "prompts=simple_animals", "algorithm=diffusion_dpo", "feedback=pairs",
         "progress=false", "eval.every=0", "log.images_every=0", "sample.num_steps=4"]
-
-
-def run_train(*args: str) -> tuple[int, str]:
-    """`python -m rlfuse.train <args>` in this process: (exit code, stderr)."""
-    from rlfuse.train import main
-
-    argv, stderr = sys.argv, io.StringIO()
-    sys.argv = ["rlfuse.train", *args]
-    try:
-        with redirect_stderr(stderr):
-            main()
-    except SystemExit as stop:
-        return stop.code, stderr.getvalue()
-    finally:
-        sys.argv = argv
-    return 0, stderr.getvalue()
 
 
 @pytest.mark.parametrize("make, overrides, expected", [

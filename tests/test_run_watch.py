@@ -2,16 +2,11 @@
 learning-rate schedule, end to end on model=tiny; and the schedule across a resume."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.test_train import FAST, RESUMABLE, assert_same_final_run, metrics, run_train, train
+from tests.test_train import FAST, RESUMABLE, assert_same_final_run, kill_after_epoch_2, metrics, run_train, train
 
 WATCHED = ["model=tiny", "reward=shapes", "prompts=shapes", "hardware.sample_batch_size=4",
            "hardware.train_batch_size=4", "sample.batches_per_epoch=2", "sample.num_steps=6", "progress=false",
@@ -117,18 +112,7 @@ def test_a_scheduled_run_killed_mid_training_resumes_bit_identical(tmp_path):
     the same learning rate at every epoch as the uninterrupted run."""
     scheduled = [*RESUMABLE, "lr_schedule.name=cosine", "lr_schedule.warmup_steps=3"]
     full = train(tmp_path / "a", *scheduled)
-    process = subprocess.Popen([sys.executable, "-m", "rlfuse.train", *scheduled, f"run_root={tmp_path / 'b'}"],
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("b/**/checkpoints/epoch_000002")) and process.poll() is None:
-            assert time.monotonic() < deadline, "no epoch-2 checkpoint within 300 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_epoch_2(tmp_path / "b", *scheduled)
     resumed = train(tmp_path / "b", *scheduled, "resume=auto")
     assert_same_final_run(full, resumed)
     assert [r["lr"] for r in metrics(full)] == [r["lr"] for r in metrics(resumed)]

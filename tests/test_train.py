@@ -104,22 +104,27 @@ def assert_same_final_run(full: Path, resumed: Path) -> None:
     assert rows_a[2]["loss"] == rows_b[2]["loss"]
 
 
-@pytest.mark.slow
-def test_a_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_path):
-    """SIGKILL during epoch 3 (after the epoch-2 checkpoint), then resume=auto: bitwise the same."""
-    full = train(tmp_path / "a", *RESUMABLE)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "rlfuse.train", *RESUMABLE, f"run_root={tmp_path / 'b'}"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_epoch_2(run_root: Path, *args: str) -> None:
+    """Start `python -m rlfuse.train <args>` under run_root and SIGKILL it once its epoch-2 checkpoint exists."""
+    process = subprocess.Popen([sys.executable, "-m", "rlfuse.train", *args, f"run_root={run_root}"],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not list(tmp_path.glob("b/**/checkpoints/epoch_000002")) and process.poll() is None:
+        while not list(run_root.glob("**/checkpoints/epoch_000002")) and process.poll() is None:
             assert time.monotonic() < deadline, "no epoch-2 checkpoint within 300 s"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_path):
+    """SIGKILL during epoch 3 (after the epoch-2 checkpoint), then resume=auto: bitwise the same."""
+    full = train(tmp_path / "a", *RESUMABLE)
+    kill_after_epoch_2(tmp_path / "b", *RESUMABLE)
     interrupted = next(tmp_path.glob("b/**/checkpoints")).parent
     assert not (interrupted / "checkpoints" / "epoch_000004").exists()
     resumed = train(tmp_path / "b", *RESUMABLE, "resume=auto")
