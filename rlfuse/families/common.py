@@ -58,6 +58,18 @@ def check_source(pretrained: str | None, revision: str | None = None,
                         f"model.pretrained to a local pipeline folder")
 
 
+def load_pipeline(pipeline_class, pretrained: str, revision: str | None, variant: str | None, **kwargs):
+    """pipeline_class.from_pretrained(pretrained) (a hub id or a folder, `~` expanded); UserError (one line,
+    what to do) when the weights are neither local nor cached."""
+    pretrained = os.path.expanduser(pretrained)
+    try:
+        return pipeline_class.from_pretrained(pretrained, revision=revision, variant=variant, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.pretrained={pretrained!r}: cannot load a {pipeline_class.__name__} from it; "
+                        f"download it with `hf download {pretrained}` or give a local pipeline "
+                        f"folder [{type(error).__name__}]") from None
+
+
 def fuse_lora_folder(pipeline, folder: Path) -> None:
     """Add a diffusers-format LoRA folder into the pipeline's network weights for good.
 

@@ -15,7 +15,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
 from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
-                                    fuse_lora_folder, lora_folders, save_pipeline_with)
+                                    fuse_lora_folder, load_pipeline, lora_folders, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_flux, tiny_flux_scheduler
 from rlfuse.trajectories import Conditioning
 
@@ -142,13 +142,7 @@ class Flux:
         if pretrained is None:
             pipeline = build_tiny_flux(seed=tiny_seed)
         else:
-            pretrained = os.path.expanduser(pretrained)
-            try:
-                pipeline = FluxPipeline.from_pretrained(pretrained, revision=revision, variant=variant)
-            except (OSError, ValueError) as error:
-                raise UserError(f"model.pretrained={pretrained!r}: cannot load a FluxPipeline from it; download it "
-                                f"with `hf download {pretrained}` or give a local pipeline folder "
-                                f"[{type(error).__name__}]") from None
+            pipeline = load_pipeline(FluxPipeline, pretrained, revision, variant)
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, max_sequence_length, guidance, resolution, prompt_cache)
         for folder in lora_folders(lora_weights):

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
 from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
-                                    fuse_lora_folder, lora_folders, save_pipeline_with)
+                                    fuse_lora_folder, load_pipeline, lora_folders, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_sd3
 from rlfuse.trajectories import Conditioning
 
@@ -74,15 +74,8 @@ class StableDiffusion3:
         if pretrained is None:
             pipeline = build_tiny_sd3(seed=tiny_seed)
         else:
-            pretrained = os.path.expanduser(pretrained)
             without_t5 = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
-            try:
-                pipeline = StableDiffusion3Pipeline.from_pretrained(pretrained, revision=revision, variant=variant,
-                                                                    **without_t5)
-            except (OSError, ValueError) as error:
-                raise UserError(f"model.pretrained={pretrained!r}: cannot load a StableDiffusion3Pipeline from it; "
-                                f"download it with `hf download {pretrained}` or give a local pipeline "
-                                f"folder [{type(error).__name__}]") from None
+            pipeline = load_pipeline(StableDiffusion3Pipeline, pretrained, revision, variant, **without_t5)
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, max_sequence_length, prompt_cache)
         for folder in lora_folders(lora_weights):

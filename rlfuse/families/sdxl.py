@@ -11,8 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from rlfuse.dynamics.ddim import DDIMSampler
-from rlfuse.errors import UserError
-from rlfuse.families.common import PromptCache, check_source, lora_folders
+from rlfuse.families.common import PromptCache, check_source, load_pipeline, lora_folders
 from rlfuse.families.sd import StableDiffusion, resolution_multiple
 from rlfuse.families.tiny import build_tiny_sdxl, tiny_sdxl_scheduler
 from rlfuse.trajectories import Conditioning
@@ -84,13 +83,7 @@ class StableDiffusionXL(StableDiffusion):
         if pretrained is None:
             pipeline = build_tiny_sdxl(seed=tiny_seed)
         else:
-            pretrained = os.path.expanduser(pretrained)
-            try:
-                pipeline = StableDiffusionXLPipeline.from_pretrained(pretrained, revision=revision, variant=variant)
-            except (OSError, ValueError) as error:
-                raise UserError(f"model.pretrained={pretrained!r}: cannot load a StableDiffusionXLPipeline from it; "
-                                f"download it with `hf download {pretrained}` or give a local pipeline "
-                                f"folder [{type(error).__name__}]") from None
+            pipeline = load_pipeline(StableDiffusionXLPipeline, pretrained, revision, variant)
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, resolution, prompt_cache)
