@@ -16,6 +16,11 @@ pair's `inside` is the implicit reward margin of winner over loser and the impli
 share of pairs where it is positive (the reference code's implicit_acc). With the policy equal to
 the reference, inside = 0 and L = log 2; a tie carries no preference and gives nothing.
 
+An optional term sft_weight * err_theta(w) adds the winner's own denoising loss, as RPO adds the
+winner's negative log-likelihood to DPO (Pang et al. 2024, arXiv 2404.19733): DPO's margin can grow
+while the winner's error grows too (likelihood displacement), and the term holds the winner's
+likelihood up. Its gradient on err_theta(w) is sft_weight, against at most beta / 2 from the DPO term.
+
 Targets follow the model: the sampler's forward_noising gives eps or v (the SD scheduler's
 prediction_type, as the reference code's epsilon target and its v-prediction option) or the flow
 velocity eps - x_0 (flow_grpo scripts/train_sd3_dpo.py). Timesteps: uniform on the 1000 training
@@ -51,13 +56,14 @@ def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def dpo_loss(policy_errors: torch.Tensor, reference_errors: torch.Tensor, preferences: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Diffusion-DPO loss of P pairs.
 
     policy_errors, reference_errors: (2P,) denoising errors, rows 2i and 2i + 1 one pair (same t, same
     noise); preferences: (2P,) +1 for the preferred image of a pair, -1 for the other, 0 for both of a
-    tie. Returns the mean of -log sigmoid(inside) over the decided pairs (0 if none) and diagnostics:
-    implicit_accuracy (share of decided pairs with inside > 0), the winner's and loser's errors.
+    tie. Returns the mean over the decided pairs (0 if none) of -log sigmoid(inside) + sft_weight *
+    err_theta(winner), and diagnostics: implicit_accuracy (share of decided pairs with inside > 0), the
+    winner's and loser's errors.
     """
     first_wins = preferences[0::2]                                              # (P,) +1, -1 or 0
     decided = first_wins != 0
@@ -65,10 +71,11 @@ def dpo_loss(policy_errors: torch.Tensor, reference_errors: torch.Tensor, prefer
     policy_margin = (policy_errors[0::2] - policy_errors[1::2]) * first_wins
     reference_margin = (reference_errors[0::2] - reference_errors[1::2]).detach() * first_wins
     inside = -0.5 * beta * (policy_margin - reference_margin)                   # (P,)
-    losses = -F.logsigmoid(inside)
+    winner_errors = torch.where(first_wins > 0, policy_errors[0::2], policy_errors[1::2])     # (P,)
+    losses = -F.logsigmoid(inside) + sft_weight * winner_errors
     count = decided.sum().clamp(min=1)
     loss = torch.where(decided, losses, 0.0).sum() / count
-    winner = torch.where(first_wins > 0, policy_errors[0::2], policy_errors[1::2]).detach()
+    winner = winner_errors.detach()
     loser = torch.where(first_wins > 0, policy_errors[1::2], policy_errors[0::2]).detach()
     stats = {"implicit_accuracy": ((inside.detach() > 0) & decided).sum() / count,
              "reward_margin": torch.where(decided, inside.detach(), 0.0).sum() / count,
@@ -85,6 +92,7 @@ class DiffusionDPO:
         timesteps_per_pair: noise draws (t, eps) per pair per pass; one micro-step each.
         reference_every: 0: the reference is the base model; N > 0: a second LoRA adapter that takes the
             trained adapter's weights every N epochs (online DPO).
+        sft_weight: weight of the winner's denoising error added to each pair's loss (0: the paper's loss).
     """
 
     pairs = True            # rows 2i, 2i + 1: winner and loser of one prompt, kept together in minibatches
@@ -93,11 +101,14 @@ class DiffusionDPO:
     min_group_size = 1      # the pairs come from the source, not from images sampled per prompt
     likelihood_free = False  # does not sample its own clean images (the pairs source does)
 
-    def __init__(self, beta: float = 5000.0, timesteps_per_pair: int = 1, reference_every: int = 0):
-        if beta <= 0 or timesteps_per_pair < 1 or reference_every < 0:
+    def __init__(self, beta: float = 5000.0, timesteps_per_pair: int = 1, reference_every: int = 0,
+                 sft_weight: float = 0.0):
+        if beta <= 0 or timesteps_per_pair < 1 or reference_every < 0 or sft_weight < 0:
             raise ValueError(f"beta={beta}, timesteps_per_pair={timesteps_per_pair}, reference_every="
-                             f"{reference_every}: need beta > 0, timesteps_per_pair >= 1, reference_every >= 0")
+                             f"{reference_every}, sft_weight={sft_weight}: need beta > 0, timesteps_per_pair >= 1, "
+                             f"reference_every >= 0, sft_weight >= 0")
         self.beta, self.timesteps_per_pair, self.reference_every = beta, timesteps_per_pair, reference_every
+        self.sft_weight = sft_weight
         self.needs_reference = reference_every == 0   # the base model, through rlfuse.lora.ReferencePolicy
         self.epochs = 0
         self.network: torch.nn.Module | None = None
@@ -173,7 +184,7 @@ class DiffusionDPO:
                 reference_prediction = policy.predict(noisy, timesteps, batch.conditioning, reference=True,
                                                       guided=False)
         reference_errors = denoising_error(reference_prediction, target)
-        return dpo_loss(policy_errors, reference_errors, batch.advantages, self.beta)
+        return dpo_loss(policy_errors, reference_errors, batch.advantages, self.beta, self.sft_weight)
 
     def state_dict(self) -> dict:
         """The epoch count and, with a moving reference, its adapter's weights (resume restores it exactly)."""

@@ -52,6 +52,24 @@ def test_gradient_by_hand():
     torch.testing.assert_close(policy.grad, torch.tensor(expected, dtype=torch.float64))
 
 
+def test_sft_term_adds_the_winners_error_and_its_gradient():
+    """sft_weight * err_theta(w) per decided pair: the loss grows by sft_weight x the winners' mean error,
+    the winner's gradient by sft_weight / P, the loser's and a tie's not at all."""
+    policy = torch.tensor([0.40, 0.35, 0.10, 0.12, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    reference = torch.tensor([0.38, 0.36, 0.11, 0.11, 0.3, 0.2], dtype=torch.float64)
+    preferences = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0], dtype=torch.float64)   # rows 0 and 3 won
+    plain, _ = dpo_loss(policy, reference, preferences, 20.0)
+    (plain_grad,) = torch.autograd.grad(plain, policy)
+    loss, stats = dpo_loss(policy, reference, preferences, 20.0, sft_weight=7.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(plain.item() + 7.0 * (0.40 + 0.12) / 2)
+    torch.testing.assert_close(policy.grad - plain_grad,
+                               torch.tensor([3.5, 0.0, 0.0, 3.5, 0.0, 0.0], dtype=torch.float64))
+    assert stats["error_winner"].item() == pytest.approx((0.40 + 0.12) / 2)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DiffusionDPO(sft_weight=-1.0)
+
+
 def test_ties_give_no_loss_and_no_gradient():
     policy = torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
     reference = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
