@@ -603,7 +603,7 @@ def make_optimizer(cfg: DictConfig, network: torch.nn.Module) -> torch.optim.Opt
 
 
 def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, sampler, accelerator,
-                progress: bool):
+                progress: bool, run_dir: Path | None = None):
     """feedback=human: the replay source over the labelled dataset; otherwise online sampling."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if checked.replay:
@@ -611,7 +611,7 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
 
         return load_replay(cfg.feedback.path, family, device, cfg.seed, rank, world, cfg.log.grid_images)
     if checked.pairs:
-        return make_pairs_source(cfg, checked, network, family, sampler, accelerator)
+        return make_pairs_source(cfg, checked, network, family, sampler, accelerator, run_dir)
     from rlfuse.sources.online import OnlineSource
 
     algorithm = checked.algorithm
@@ -621,8 +621,10 @@ def make_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, fam
                         algorithm.sampling if algorithm.likelihood_free else None)
 
 
-def make_pairs_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, sampler, accelerator):
-    """feedback=pairs: parquet or labelled-dataset pairs at feedback.path, or reward-ranked pairs of the policy."""
+def make_pairs_source(cfg: DictConfig, checked: Checked, network: torch.nn.Module, family, sampler, accelerator,
+                      run_dir: Path | None = None):
+    """feedback=pairs: parquet or labelled-dataset pairs at feedback.path, or reward-ranked pairs of the policy
+    (with feedback.ranked.save, each round also written to <run_dir>/pairs by the main process)."""
     from rlfuse.sources.pairs import PairsSource, RankedPairs, RankedSettings, open_pairs
 
     fb, device = cfg.feedback, accelerator.device
@@ -631,8 +633,10 @@ def make_pairs_source(cfg: DictConfig, checked: Checked, network: torch.nn.Modul
     else:
         ranked = RankedSettings(fb.ranked.prompts_per_round, fb.ranked.images_per_prompt, fb.ranked.resample_every,
                                 cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.seed)
+        save_dir = Path(run_dir) / "pairs" if fb.ranked.get("save", False) and run_dir is not None \
+            and accelerator.is_main_process else None
         pool = RankedPairs(network, family, sampler, checked.reward, checked.train_prompts,
-                           family.latent_shape(cfg.model.resolution), ranked, device, accelerator.autocast)
+                           family.latent_shape(cfg.model.resolution), ranked, device, accelerator.autocast, save_dir)
     return PairsSource(pool, family, cfg.model.resolution, fb.pairs_per_epoch, fb.cache_size, device,
                        accelerator.process_index, accelerator.num_processes, cfg.log.grid_images)
 

@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> float:
     sampler.set_timesteps(cfg.sample.num_steps, device=device)
     policy = Policy(trained, family, sampler, cfg.sample.guidance_scale, reference)
     show = cfg.progress and is_main
-    source = config.make_source(cfg, checked, network, family, sampler, accelerator, show)
+    source = config.make_source(cfg, checked, network, family, sampler, accelerator, show, run_dir)
     latent_shape = family.latent_shape(cfg.model.resolution)
     eval_settings, optimize_settings = config.eval_settings(cfg, checked), config.optimize_settings(cfg, checked)
     evaluation = (network, family, config.eval_sampler(cfg, family), reward, eval_settings, latent_shape, accelerator,

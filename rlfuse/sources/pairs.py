@@ -12,7 +12,9 @@ Where the pairs come from (feedback.path, or none):
 - none: reward-ranked pairs. K images per prompt sampled by the current policy and scored by the
   run's reward; the best against the worst (a prompt whose images all score the same gives none).
   resample_every = N samples a new round every N epochs (online DPO), 0 samples once, at the first
-  epoch, and trains offline on that round after.
+  epoch, and trains offline on that round after. With a save folder, each round is also written there
+  as a Pick-a-Pic-style parquet file (winner in jpg_0, PNG bytes; label_0 1; the scores in score_0 and
+  score_1), which feedback.path reads back: one sampled round serves any number of offline runs.
 
 Images are converted to RGB, resized (shorter side to the model's resolution) and centre-cropped,
 then encoded by the family's VAE; the latents are kept in a bounded cache (least recently used out).
@@ -273,10 +275,10 @@ class RankedPairs:
 
     def __init__(self, network: torch.nn.Module, family: ModelFamily, sampler, reward, prompts: list[str],
                  latent_shape: tuple[int, ...], settings: RankedSettings, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext):
+                 autocast: Callable[[], AbstractContextManager] = nullcontext, save_dir: Path | None = None):
         self.network, self.family, self.sampler, self.reward = network, family, sampler, reward
         self.prompts, self.latent_shape, self.settings = prompts, latent_shape, settings
-        self.device, self.autocast = device, autocast
+        self.device, self.autocast, self.save_dir = device, autocast, save_dir
         self.items: list[PairItem] = []
         self.round_epoch = 0
 
@@ -289,6 +291,7 @@ class RankedPairs:
         rng = np.random.default_rng(seed_for(s.seed, epoch, 7))
         chosen = draw_prompts(self.prompts, s.prompts_per_round, rng)
         self.items, self.round_epoch = [], epoch
+        pictures: list[tuple[torch.Tensor, torch.Tensor]] = []   # (winner, loser) images, kept only to save
         self.network.eval()
         per_batch = max(1, 32 // k)   # prompts per sampling batch
         for start in range(0, len(chosen), per_batch):
@@ -305,8 +308,14 @@ class RankedPairs:
                     keys = (f"ranked:{epoch}:{ids[g * k + best]}", f"ranked:{epoch}:{ids[g * k + worst]}")
                     self.items.append(PairItem(prompts[g * k], keys, (latents[g, best], latents[g, worst]),
                                                (float(scores[g, best]), float(scores[g, worst]))))
+                    if self.save_dir is not None:
+                        pictures.append((sampled.images[g * k + best].cpu(), sampled.images[g * k + worst].cpu()))
         log.info("reward-ranked pairs, epoch %d: %d pairs from %d prompts (the others' images all scored the same)",
                  epoch, len(self.items), len(chosen))
+        if self.save_dir is not None:
+            path = self.save_dir / f"ranked_epoch{epoch:04d}.parquet"
+            save_pairs(path, self.items, pictures)
+            log.info("reward-ranked pairs saved: %s (train on them with feedback.path=%s)", path, path)
 
     def pairs(self, epoch: int, count: int) -> list[PairItem]:
         s = self.settings
@@ -317,6 +326,33 @@ class RankedPairs:
             return []
         return [self.items[i] for i in cycled(len(self.items), (epoch - self.round_epoch) * count,
                                                  min(count, len(self.items)), seed_for(s.seed, self.round_epoch))]
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """(3, H, W) in [0, 1] -> PNG bytes (lossless, so a saved round re-encodes to its own pixels)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_pairs(path: Path, items: list[PairItem], pictures: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A round of ranked pairs as a Pick-a-Pic-style parquet file (winner in jpg_0, label_0 1), written under a
+    temporary name and renamed into place, so a file at `path` is always whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"caption": [item.prompt for item in items],
+                      "jpg_0": [png_bytes(winner) for winner, _ in pictures],
+                      "jpg_1": [png_bytes(loser) for _, loser in pictures],
+                      "label_0": pa.array([1.0] * len(items), pa.float64()),
+                      "score_0": [item.rewards[0] for item in items], "score_1": [item.rewards[1] for item in items]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial, row_group_size=256)
+    partial.replace(path)
 
 
 # ----------------------------------------------------------------------------- the source

@@ -203,3 +203,33 @@ def test_reward_ranked_pairs_put_the_best_image_first_and_sample_once_when_offli
     online = RankedPairs(family.network, family, sampler, BrightnessReward(), ["a cat", "a dog", "a fox"],
                          family.latent_shape(32), RankedSettings(3, 3, 1, 2, 2.0, 0), torch.device("cpu"))
     assert {item.keys for item in online.pairs(1, 3)} != {item.keys for item in online.pairs(2, 3)}
+
+
+def test_a_saved_round_of_ranked_pairs_reads_back_as_a_parquet_file_of_the_same_pairs(family, tmp_path):
+    """feedback.ranked.save: the round as Pick-a-Pic's layout, winner in jpg_0; read back through feedback.path,
+    it gives the same captions in the same order, and its images are the round's decoded latents to 8 bits."""
+    settings = RankedSettings(prompts_per_round=4, images_per_prompt=3, resample_every=0, num_steps=2,
+                              guidance_scale=2.0, seed=0)
+    pool = RankedPairs(family.network, family, family.sampler(1.0), BrightnessReward(),
+                       ["a cat", "a dog", "a fox", "an owl"], family.latent_shape(32), settings, torch.device("cpu"),
+                       save_dir=tmp_path / "pairs")
+    pool.pairs(1, 4)
+    items = pool.items                                   # the round in the order it was sampled, as saved
+    saved = tmp_path / "pairs" / "ranked_epoch0001.parquet"
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == [saved.name]    # no partial file left
+    table = pq.read_table(saved)
+    assert table.column("label_0").to_pylist() == [1.0] * len(items)
+    assert table.column("score_0").to_pylist() == pytest.approx([item.rewards[0] for item in items])
+    assert table.column("score_1").to_pylist() == pytest.approx([item.rewards[1] for item in items])
+    back = open_pairs(str(saved), seed=0)
+    read = back.pairs(1, len(items))
+    assert [item.prompt for item in read] == [item.prompt for item in items]
+    # Each saved image is the round's latent decoded, to 8 bits (PNG is lossless).
+    decoded = family.decode(torch.stack([latent for item in items for latent in item.images])).detach()
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(image)))).permute(2, 0, 1)
+                          for item in read for image in item.images]).float() / 255
+    assert (pixels - decoded).abs().max().item() <= 0.5 / 255 + 1e-6
+    assert (decoded[0::2] - decoded[1::2]).abs().max().item() > 0.05        # winner and loser differ
+    # training reads it like any pairs file: PairsSource encodes the saved images
+    source = PairsSource(back, family, 32, len(items), 0, torch.device("cpu"))
+    assert source.epoch(1).samples.next_latents.shape == (2 * len(items), 1, *family.latent_shape(32))
