@@ -20,6 +20,9 @@ An optional term sft_weight * err_theta(w) adds the winner's own denoising loss,
 winner's negative log-likelihood to DPO (Pang et al. 2024, arXiv 2404.19733): DPO's margin can grow
 while the winner's error grows too (likelihood displacement), and the term holds the winner's
 likelihood up. Its gradient on err_theta(w) is sft_weight, against at most beta / 2 from the DPO term.
+positive_lambda = l > 0 is DPO-Positive's remedy for the same (Pal et al. 2024, arXiv 2402.13228): inside
+loses beta / 2 * l * max(0, err_theta(w) - err_ref(w)), so a winner denoised worse than the reference
+denoises it costs the pair, and no margin is bought by degrading winner and loser together.
 
 Targets follow the model: the sampler's forward_noising gives eps or v (the SD scheduler's
 prediction_type, as the reference code's epsilon target and its v-prediction option) or the flow
@@ -56,29 +59,34 @@ def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def dpo_loss(policy_errors: torch.Tensor, reference_errors: torch.Tensor, preferences: torch.Tensor,
-             beta: float, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float, sft_weight: float = 0.0, positive_lambda: float = 0.0
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Diffusion-DPO loss of P pairs.
 
     policy_errors, reference_errors: (2P,) denoising errors, rows 2i and 2i + 1 one pair (same t, same
     noise); preferences: (2P,) +1 for the preferred image of a pair, -1 for the other, 0 for both of a
     tie. Returns the mean over the decided pairs (0 if none) of -log sigmoid(inside) + sft_weight *
     err_theta(winner), and diagnostics: implicit_accuracy (share of decided pairs with inside > 0), the
-    winner's and loser's errors.
+    winner's and loser's errors. positive_lambda > 0 subtracts beta / 2 * positive_lambda * max(0,
+    err_theta(w) - err_ref(w)) from inside (DPO-Positive).
     """
     first_wins = preferences[0::2]                                              # (P,) +1, -1 or 0
     decided = first_wins != 0
     # (P,) winner minus loser: flip the pair's difference where its second image won.
     policy_margin = (policy_errors[0::2] - policy_errors[1::2]) * first_wins
     reference_margin = (reference_errors[0::2] - reference_errors[1::2]).detach() * first_wins
-    inside = -0.5 * beta * (policy_margin - reference_margin)                   # (P,)
     winner_errors = torch.where(first_wins > 0, policy_errors[0::2], policy_errors[1::2])     # (P,)
+    winner_reference = torch.where(first_wins > 0, reference_errors[0::2], reference_errors[1::2]).detach()
+    penalty = positive_lambda * torch.relu(winner_errors - winner_reference)   # the winner's error above the reference's
+    implicit = -0.5 * beta * (policy_margin - reference_margin)                 # (P,) the implicit reward margin
+    inside = implicit - 0.5 * beta * penalty
     losses = -F.logsigmoid(inside) + sft_weight * winner_errors
     count = decided.sum().clamp(min=1)
     loss = torch.where(decided, losses, 0.0).sum() / count
     winner = winner_errors.detach()
     loser = torch.where(first_wins > 0, policy_errors[1::2], policy_errors[0::2]).detach()
-    stats = {"implicit_accuracy": ((inside.detach() > 0) & decided).sum() / count,
-             "reward_margin": torch.where(decided, inside.detach(), 0.0).sum() / count,
+    stats = {"implicit_accuracy": ((implicit.detach() > 0) & decided).sum() / count,
+             "reward_margin": torch.where(decided, implicit.detach(), 0.0).sum() / count,
              "error_winner": (winner * decided).sum() / count, "error_loser": (loser * decided).sum() / count}
     return loss, stats
 
@@ -93,6 +101,7 @@ class DiffusionDPO:
         reference_every: 0: the reference is the base model; N > 0: a second LoRA adapter that takes the
             trained adapter's weights every N epochs (online DPO).
         sft_weight: weight of the winner's denoising error added to each pair's loss (0: the paper's loss).
+        positive_lambda: DPO-Positive's weight on the winner's error above the reference's (0: the paper's loss).
     """
 
     pairs = True            # rows 2i, 2i + 1: winner and loser of one prompt, kept together in minibatches
@@ -102,13 +111,13 @@ class DiffusionDPO:
     likelihood_free = False  # does not sample its own clean images (the pairs source does)
 
     def __init__(self, beta: float = 5000.0, timesteps_per_pair: int = 1, reference_every: int = 0,
-                 sft_weight: float = 0.0):
-        if beta <= 0 or timesteps_per_pair < 1 or reference_every < 0 or sft_weight < 0:
+                 sft_weight: float = 0.0, positive_lambda: float = 0.0):
+        if beta <= 0 or timesteps_per_pair < 1 or reference_every < 0 or sft_weight < 0 or positive_lambda < 0:
             raise ValueError(f"beta={beta}, timesteps_per_pair={timesteps_per_pair}, reference_every="
-                             f"{reference_every}, sft_weight={sft_weight}: need beta > 0, timesteps_per_pair >= 1, "
-                             f"reference_every >= 0, sft_weight >= 0")
+                             f"{reference_every}, sft_weight={sft_weight}, positive_lambda={positive_lambda}: need "
+                             f"beta > 0, timesteps_per_pair >= 1 and reference_every, sft_weight, positive_lambda >= 0")
         self.beta, self.timesteps_per_pair, self.reference_every = beta, timesteps_per_pair, reference_every
-        self.sft_weight = sft_weight
+        self.sft_weight, self.positive_lambda = sft_weight, positive_lambda
         self.needs_reference = reference_every == 0   # the base model, through rlfuse.lora.ReferencePolicy
         self.epochs = 0
         self.network: torch.nn.Module | None = None
@@ -184,7 +193,8 @@ class DiffusionDPO:
                 reference_prediction = policy.predict(noisy, timesteps, batch.conditioning, reference=True,
                                                       guided=False)
         reference_errors = denoising_error(reference_prediction, target)
-        return dpo_loss(policy_errors, reference_errors, batch.advantages, self.beta, self.sft_weight)
+        return dpo_loss(policy_errors, reference_errors, batch.advantages, self.beta, self.sft_weight,
+                        self.positive_lambda)
 
     def state_dict(self) -> dict:
         """The epoch count and, with a moving reference, its adapter's weights (resume restores it exactly)."""

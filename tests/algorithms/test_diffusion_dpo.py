@@ -70,6 +70,24 @@ def test_sft_term_adds_the_winners_error_and_its_gradient():
         DiffusionDPO(sft_weight=-1.0)
 
 
+def test_dpo_positive_charges_only_a_winner_denoised_worse_than_by_the_reference():
+    """inside = -beta/2 ((w - l) - (w_ref - l_ref) + lambda max(0, w - w_ref)), by hand: pair 1's winner is
+    worse than the reference (0.40 > 0.38): penalised; pair 2's winner is better (0.12 < 0.13): not."""
+    policy = torch.tensor([0.40, 0.35, 0.10, 0.12], dtype=torch.float64)
+    reference = torch.tensor([0.38, 0.36, 0.11, 0.13], dtype=torch.float64)
+    preferences = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)     # rows 0 and 3 won
+    beta, lam = 20.0, 5.0
+    loss, _ = dpo_loss(policy, reference, preferences, beta, positive_lambda=lam)
+    inside_1 = -beta / 2 * ((0.40 - 0.35) - (0.38 - 0.36) + lam * 0.02)
+    inside_2 = -beta / 2 * ((0.12 - 0.10) - (0.13 - 0.11))
+    expected = (math.log1p(math.exp(-inside_1)) + math.log1p(math.exp(-inside_2))) / 2
+    assert loss.item() == pytest.approx(expected)
+    plain, _ = dpo_loss(policy, reference, preferences, beta)
+    assert loss.item() > plain.item()
+    with pytest.raises(ValueError, match="positive_lambda"):
+        DiffusionDPO(positive_lambda=-1.0)
+
+
 def test_ties_give_no_loss_and_no_gradient():
     policy = torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
     reference = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64)
