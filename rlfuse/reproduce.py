@@ -229,8 +229,15 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
     # Experiments at a time share the CPU cores: each process gets its share of threads.
     threads = max(1, (os.cpu_count() or 1) // jobs)
     plans = [plan(name, scale) for name in names]  # composes configs: Hydra's global state, one thread
+    # Experiments whose runs would be identical (at toy scale several papers' tasks map to one run) run once.
+    first: dict[str, dict] = {}
+    for p in plans:
+        p["same_as"] = first.setdefault(p["key"], p)["name"] if p["key"] else p["name"]
+    unique = [p for p in plans if p["same_as"] == p["name"]]
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each experiment is subprocesses: threads only wait
-        results = list(pool.map(lambda p: run_experiment(p, out, gpus, threads), plans))
+        done = dict(zip([p["name"] for p in unique], pool.map(lambda p: run_experiment(p, out, gpus, threads), unique)))
+    results = [done[p["name"]] if p["same_as"] == p["name"] else shared_row(p["name"], done[p["same_as"]])
+               for p in plans]
     total = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps({"scale": scale, "seconds": total, "jobs": jobs,
                                                   "results": results}, indent=2))
@@ -249,8 +256,23 @@ def plan(name: str, scale: str) -> dict:
             missing = "feedback.path (a labelled dataset: people's choices)"
         else:
             overrides, rewards, settings = toy_overrides(name)
+    key = None  # what makes two runs the same: the composed config and the evaluation (None: nothing is run)
+    if not missing:
+        from omegaconf import OmegaConf
+
+        key = json.dumps([OmegaConf.to_container(experiment_config(name, overrides), resolve=False), rewards,
+                          settings], sort_keys=True)
     return {"name": name, "scale": scale, "missing": missing, "overrides": overrides, "rewards": rewards,
-            "settings": settings}
+            "settings": settings, "key": key}
+
+
+def shared_row(name: str, row: dict) -> dict:
+    """The report row of an experiment whose run is the same as `row`'s: its results, under its own name."""
+    paper, published, _ = EXPERIMENTS[name]
+    shared = {**row, "experiment": name, "paper": paper, "published": published, "same_as": row["experiment"]}
+    if row["status"] == "done":
+        print(f"{name}: the same run as {row['experiment']}", flush=True)
+    return shared
 
 
 def run_experiment(plan: dict, out: Path, gpus: int, threads: int) -> dict:
@@ -309,8 +331,9 @@ def verdict(score: dict) -> str:
 
 def render(scale: str, results: list[dict], seconds: float, jobs: int = 1) -> str:
     lines = [f"# Reproducing the papers ({scale} scale)", "",
-             f"{sum(r['status'] == 'done' for r in results)} of {len(results)} experiments run in "
-             f"{seconds / 60:.1f} minutes, {jobs} at a time. Made by "
+             f"{sum(r['status'] == 'done' for r in results)} of {len(results)} experiments run "
+             f"({sum(r['status'] == 'done' and not r.get('same_as') for r in results)} trainings: experiments that map "
+             f"to the same run share it) in {seconds / 60:.1f} minutes, {jobs} at a time. Made by "
              f"`python -m rlfuse.reproduce --scale {scale} --jobs {jobs}`.", ""]
     if scale == "toy":
         epochs = ", ".join(f"{n} on `model={m}`" for m, n in TOY_EPOCHS.items())
@@ -334,12 +357,13 @@ def render(scale: str, results: list[dict], seconds: float, jobs: int = 1) -> st
         trained = r["scores"].get(r["reward"]) or next(iter(r["scores"].values()))
         curve = " -> ".join(f"{v:.3f}" for _, v in r["curve"])
         others = ", ".join(f"{n} {v['change']:+.3f}" for n, v in r["scores"].items() if n != r["reward"])
-        lines.append(f"| [{r['experiment']}]({r['evaluation']}/REPORT.md) | {r['paper']} | {r['published']} | "
+        same = f" (the run of {r['same_as']})" if r.get("same_as") else ""
+        lines.append(f"| [{r['experiment']}]({r['evaluation']}/REPORT.md){same} | {r['paper']} | {r['published']} | "
                      f"{r['reward']} ({r['model']}): {curve} | {trained['base']:.4f} -> {trained['finetuned']:.4f} "
                      f"({trained['change']:+.4f} ± {trained['stderr']:.4f}, {r['images']} images) | "
                      f"{verdict(trained)} | {others} | {r['diversity']['base']:.3f} -> "
                      f"{r['diversity']['finetuned']:.3f} | {r['drift']['pixel_rms']:.3f} | "
-                     f"{(r['train_seconds'] + r['eval_seconds']) / 60:.1f} |")
+                     f"{0 if same else (r['train_seconds'] + r['eval_seconds']) / 60:.1f} |")
     lines += ["", "Published: the paper's own number where its text gives one, else the figure to read (most results "
               "are curves); each experiment file's header (`conf/experiment/<name>.yaml`) cites the source.",
               "", "Per experiment: `evaluations/<name>/REPORT.md` (scores, base | fine-tuned grids, training curves); "

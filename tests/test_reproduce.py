@@ -162,16 +162,31 @@ def test_every_published_entry_cites_the_table_or_figure_it_comes_from(name):
 
 
 @pytest.mark.slow
+def test_toy_experiments_that_map_to_the_same_run_share_one_key_and_others_do_not():
+    keys = {name: reproduce.plan(name, "toy")["key"] for name in
+            ("ddpo_sd15_aesthetic", "ddpo_sd15_alignment", "flowgrpo_sd35m_pickscore", "flowgrpo_sd35m_ocr",
+             "dpok_sd15_imagereward", "dpok_sd15_drawbench", "d3po_sd15_human_safety")}
+    assert keys["ddpo_sd15_aesthetic"] == keys["ddpo_sd15_alignment"]
+    assert keys["flowgrpo_sd35m_pickscore"] == keys["flowgrpo_sd35m_ocr"]
+    assert keys["dpok_sd15_imagereward"] != keys["dpok_sd15_drawbench"]      # other prompts or guidance
+    assert len({keys["ddpo_sd15_aesthetic"], keys["flowgrpo_sd35m_ocr"], keys["dpok_sd15_imagereward"]}) == 3
+    assert keys["d3po_sd15_human_safety"] is None                              # not run: nothing to share
+
+
 def test_two_short_toy_runs_at_a_time_render_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch):
-    """A DDIM and a flow experiment (about 18 s each), run side by side as --jobs 2 does."""
+    """A DDIM and a flow experiment (about 18 s each), run side by side as --jobs 2 does; a third experiment
+    that maps to the same run as the flow one is reported from it, not run again."""
     short = [o for o in reproduce.TOY_COMMON if not o.startswith(("eval.num_images=", "sample.num_steps="))]
     monkeypatch.setattr(reproduce, "TOY_COMMON", [*short, "eval.num_images=4", "sample.num_steps=4"])
     monkeypatch.setattr(reproduce, "TOY_EPOCHS", dict.fromkeys(reproduce.TOY_EPOCHS, 1))
     monkeypatch.setattr(reproduce, "EVAL_SIZE", ["--num-prompts", "2", "--images-per-prompt", "2"])
     names = ["ddpo_sd15_compressibility", "flowgrpo_sd35m_geneval"]
-    report = reproduce.reproduce("toy", tmp_path, names, jobs=2)
+    report = reproduce.reproduce("toy", tmp_path, [*names, "flowgrpo_sd35m_ocr"], jobs=2)
     text = report.read_text()
-    assert "2 of 2 experiments run" in text and "2 at a time" in text
+    assert "3 of 3 experiments run (2 trainings" in text and "2 at a time" in text
+    assert "| [flowgrpo_sd35m_ocr](evaluations/flowgrpo_sd35m_geneval/REPORT.md) (the run of " \
+           "flowgrpo_sd35m_geneval) |" in text
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)   # two runs, not three
     for name in names:
         assert f"| [{name}](evaluations/{name}/REPORT.md) |" in text
         assert f"| {reproduce.EXPERIMENTS[name][1]} |" in text  # the published column
