@@ -39,6 +39,7 @@ import torch
 from rlfuse.errors import UserError
 from rlfuse.families import ModelFamily
 from rlfuse.families.common import encode_images
+from rlfuse.rewards.jpeg import to_uint8
 from rlfuse.seeding import seed_for
 from rlfuse.sources import EpochBatch
 from rlfuse.trajectories import Conditioning, Trajectories
@@ -291,7 +292,7 @@ class RankedPairs:
         rng = np.random.default_rng(seed_for(s.seed, epoch, 7))
         chosen = draw_prompts(self.prompts, s.prompts_per_round, rng)
         self.items, self.round_epoch = [], epoch
-        pictures: list[tuple[torch.Tensor, torch.Tensor]] = []   # (winner, loser) images, kept only to save
+        pictures: list[np.ndarray] = []   # (2, H, W, 3) uint8 winner and loser, kept only to save
         self.network.eval()
         per_batch = max(1, 32 // k)   # prompts per sampling batch
         for start in range(0, len(chosen), per_batch):
@@ -309,11 +310,11 @@ class RankedPairs:
                     self.items.append(PairItem(prompts[g * k], keys, (latents[g, best], latents[g, worst]),
                                                (float(scores[g, best]), float(scores[g, worst]))))
                     if self.save_dir is not None:
-                        pictures.append((sampled.images[g * k + best].cpu(), sampled.images[g * k + worst].cpu()))
+                        pictures.append(to_uint8(sampled.images[[g * k + best, g * k + worst]]))
         log.info("reward-ranked pairs, epoch %d: %d pairs from %d prompts (the others' images all scored the same)",
                  epoch, len(self.items), len(chosen))
-        if self.save_dir is not None:
-            path = self.save_dir / f"ranked_epoch{epoch:04d}.parquet"
+        if self.save_dir is not None:  # a resumed run samples its round again: the earlier file is kept
+            path = free_path(self.save_dir / f"ranked_epoch{epoch:04d}.parquet")
             save_pairs(path, self.items, pictures)
             log.info("reward-ranked pairs saved: %s (train on them with feedback.path=%s)", path, path)
 
@@ -328,25 +329,33 @@ class RankedPairs:
                                                  min(count, len(self.items)), seed_for(s.seed, self.round_epoch))]
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """(3, H, W) in [0, 1] -> PNG bytes (lossless, so a saved round re-encodes to its own pixels)."""
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless: a saved round holds exactly the pixels the reward scored)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def save_pairs(path: Path, items: list[PairItem], pictures: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def free_path(path: Path) -> Path:
+    """path, or path with -2, -3, ... before its suffix if that name is taken."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def save_pairs(path: Path, items: list[PairItem], pictures: list[np.ndarray]) -> None:
     """A round of ranked pairs as a Pick-a-Pic-style parquet file (winner in jpg_0, label_0 1), written under a
     temporary name and renamed into place, so a file at `path` is always whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"caption": [item.prompt for item in items],
-                      "jpg_0": [png_bytes(winner) for winner, _ in pictures],
-                      "jpg_1": [png_bytes(loser) for _, loser in pictures],
+                      "jpg_0": [png_bytes(pair[0]) for pair in pictures],
+                      "jpg_1": [png_bytes(pair[1]) for pair in pictures],
                       "label_0": pa.array([1.0] * len(items), pa.float64()),
                       "score_0": [item.rewards[0] for item in items], "score_1": [item.rewards[1] for item in items]})
     path.parent.mkdir(parents=True, exist_ok=True)

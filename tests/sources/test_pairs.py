@@ -233,3 +233,10 @@ def test_a_saved_round_of_ranked_pairs_reads_back_as_a_parquet_file_of_the_same_
     # training reads it like any pairs file: PairsSource encodes the saved images
     source = PairsSource(back, family, 32, len(items), 0, torch.device("cpu"))
     assert source.epoch(1).samples.next_latents.shape == (2 * len(items), 1, *family.latent_shape(32))
+    # a round sampled again for the same epoch (a resumed run) keeps the earlier file and writes beside it
+    again = RankedPairs(family.network, family, family.sampler(1.0), BrightnessReward(),
+                        ["a cat", "a dog", "a fox", "an owl"], family.latent_shape(32), settings, torch.device("cpu"),
+                        save_dir=tmp_path / "pairs")
+    again.pairs(1, 4)
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == sorted([saved.name, "ranked_epoch0001-2.parquet"])
+    assert pq.read_table(saved).equals(table)
