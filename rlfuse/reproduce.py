@@ -99,6 +99,9 @@ TOY_ALGORITHM = {
                                  "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "incompressible"): ["algorithm.learning_rate=1e-4"],
 }
+# Minutes of one toy-scale experiment (training and evaluation, one thread, 2-core AMD EPYC), by model: the order
+# in which they start, longest first.
+TOY_MINUTES = {"toy": 3.6, "tiny": 1.1, "tiny_sd3": 0.5}
 # The toy model of each kind (the key of TOY_ALGORITHM and TOY_EVAL).
 TOY_MODEL_NAME = {"jpeg": "tiny", "incompressible": "toy", "learned": "toy", "multi": "toy", "flow": "tiny_sd3"}
 # Evaluation rewards at toy scale: the trained one and ones it never saw (random tiny CLIP: a check of
@@ -233,7 +236,8 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
     first: dict[str, dict] = {}
     for p in plans:
         p["same_as"] = first.setdefault(p["key"], p)["name"] if p["key"] else p["name"]
-    unique = [p for p in plans if p["same_as"] == p["name"]]
+    # The longest first, so that the last ones to start are short and the jobs end together.
+    unique = sorted((p for p in plans if p["same_as"] == p["name"]), key=lambda p: -p["minutes"])
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each experiment is subprocesses: threads only wait
         done = dict(zip([p["name"] for p in unique], pool.map(lambda p: run_experiment(p, out, gpus, threads), unique)))
     results = [done[p["name"]] if p["same_as"] == p["name"] else shared_row(p["name"], done[p["same_as"]])
@@ -250,12 +254,13 @@ def plan(name: str, scale: str) -> dict:
     what it still needs from the user (None: it can run)."""
     rewards = EXPERIMENTS[name][2]
     missing = needs_inputs(name) if scale == "paper" else None
-    overrides, settings = [], []
+    overrides, settings, minutes = [], [], 0.0
     if scale == "toy":
         if experiment_config(name).feedback.name == "human":
             missing = "feedback.path (a labelled dataset: people's choices)"
         else:
             overrides, rewards, settings = toy_overrides(name)
+            minutes = TOY_MINUTES[experiment_config(name, overrides).model.name]
     key = None  # what makes two runs the same: the composed config and the evaluation (None: nothing is run)
     if not missing:
         from omegaconf import OmegaConf
@@ -263,7 +268,7 @@ def plan(name: str, scale: str) -> dict:
         key = json.dumps([OmegaConf.to_container(experiment_config(name, overrides), resolve=False), rewards,
                           settings], sort_keys=True)
     return {"name": name, "scale": scale, "missing": missing, "overrides": overrides, "rewards": rewards,
-            "settings": settings, "key": key}
+            "settings": settings, "key": key, "minutes": minutes}
 
 
 def shared_row(name: str, row: dict) -> dict:

@@ -173,6 +173,24 @@ def test_toy_experiments_that_map_to_the_same_run_share_one_key_and_others_do_no
     assert keys["d3po_sd15_human_safety"] is None                              # not run: nothing to share
 
 
+def test_the_longest_experiments_start_first_and_the_report_keeps_the_given_order(tmp_path, monkeypatch):
+    started = []
+
+    def fake_run(plan, out, gpus, threads):
+        started.append(plan["name"])
+        paper, published, _ = reproduce.EXPERIMENTS[plan["name"]]
+        return {"experiment": plan["name"], "paper": paper, "published": published, "status": "not run: a test"}
+
+    monkeypatch.setattr(reproduce, "run_experiment", fake_run)
+    names = ["ddpo_sd15_compressibility", "flowgrpo_sd35m_ocr", "ddpo_sd15_aesthetic", "ddpo_sd15_alignment"]
+    text = reproduce.reproduce("toy", tmp_path, names, jobs=1).read_text()
+    # toy (3.6 min) before tiny (1.1) before tiny_sd3 (0.5); alignment is aesthetic's run, not started again
+    assert started == ["ddpo_sd15_aesthetic", "ddpo_sd15_compressibility", "flowgrpo_sd35m_ocr"]
+    rows = [line.split(" |")[0][2:] for line in text.splitlines() if line.startswith("| ddpo") or
+            line.startswith("| flow")]
+    assert rows == names
+
+
 def test_two_short_toy_runs_at_a_time_render_the_report_with_scores_grids_and_curves(tmp_path, monkeypatch):
     """A DDIM and a flow experiment (about 18 s each), run side by side as --jobs 2 does; a third experiment
     that maps to the same run as the flow one is reported from it, not run again."""
