@@ -260,13 +260,13 @@ def plan(name: str, scale: str) -> dict:
             missing = "feedback.path (a labelled dataset: people's choices)"
         else:
             overrides, rewards, settings = toy_overrides(name)
-            minutes = TOY_MINUTES[experiment_config(name, overrides).model.name]
     key = None  # what makes two runs the same: the composed config and the evaluation (None: nothing is run)
     if not missing:
         from omegaconf import OmegaConf
 
-        key = json.dumps([OmegaConf.to_container(experiment_config(name, overrides), resolve=False), rewards,
-                          settings], sort_keys=True)
+        cfg = experiment_config(name, overrides)
+        key = json.dumps([OmegaConf.to_container(cfg, resolve=False), rewards, settings], sort_keys=True)
+        minutes = TOY_MINUTES.get(cfg.model.name, 1.0) if scale == "toy" else 0.0
     return {"name": name, "scale": scale, "missing": missing, "overrides": overrides, "rewards": rewards,
             "settings": settings, "key": key, "minutes": minutes}
 

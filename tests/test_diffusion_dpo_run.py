@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -92,15 +93,13 @@ def test_a_run_from_a_parquet_file_then_human_pairs_of_base_against_fine_tuned(t
 
 def test_a_saved_ranked_round_lands_in_the_run_folder_and_trains_a_later_run(tmp_path):
     """feedback.ranked.save=true: the round sampled once is written to <run>/pairs; a second run trains on it
-    through feedback.path, on the same captions."""
+    through feedback.path, every pair decided."""
     code, stderr = run_train(*TINY, "feedback.ranked.resample_every=0", "feedback.ranked.prompts_per_round=6",
                              "feedback.ranked.save=true", "feedback.pairs_per_epoch=2", "epochs=2",
                              "hydra.run.dir=" + str(tmp_path / "first"))
     assert code == 0, stderr
     saved = sorted((tmp_path / "first" / "pairs").iterdir())
     assert [p.name for p in saved] == ["ranked_epoch0001.parquet"]               # sampled once: one round
-    import pyarrow.parquet as pq
-
     captions = pq.read_table(saved[0]).column("caption").to_pylist()
     assert len(captions) >= 2
     code, stderr = run_train(*TINY, f"feedback.path={saved[0]}", "feedback.pairs_per_epoch=2", "epochs=1",
