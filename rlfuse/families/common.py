@@ -70,6 +70,13 @@ def load_pipeline(pipeline_class, pretrained: str, revision: str | None, variant
                         f"folder [{type(error).__name__}]") from None
 
 
+def fuse_lora_weights(family, lora_weights: str | list[str] | None):
+    """Fuse each LoRA folder of model.lora_weights into the family's network, in order; returns the family."""
+    for folder in lora_folders(lora_weights):
+        family.fuse_lora(Path(folder).expanduser())
+    return family
+
+
 def fuse_lora_folder(pipeline, folder: Path) -> None:
     """Add a diffusers-format LoRA folder into the pipeline's network weights for good.
 

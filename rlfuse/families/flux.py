@@ -15,7 +15,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
 from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
-                                    fuse_lora_folder, load_pipeline, lora_folders, save_pipeline_with)
+                                    fuse_lora_folder, fuse_lora_weights, load_pipeline, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_flux, tiny_flux_scheduler
 from rlfuse.trajectories import Conditioning
 
@@ -144,10 +144,7 @@ class Flux:
         else:
             pipeline = load_pipeline(FluxPipeline, pretrained, revision, variant)
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline, max_sequence_length, guidance, resolution, prompt_cache)
-        for folder in lora_folders(lora_weights):
-            family.fuse_lora(Path(folder).expanduser())
-        return family
+        return fuse_lora_weights(cls(pipeline, max_sequence_length, guidance, resolution, prompt_cache), lora_weights)
 
     # -- parts
 

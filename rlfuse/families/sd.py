@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
 from rlfuse.dynamics.ddim import DDIMSampler
 from rlfuse.errors import UserError
-from rlfuse.families.common import LORA_FILE, check_source, fuse_lora_folder, lora_folders, save_pipeline_with  # noqa: F401
+from rlfuse.families.common import LORA_FILE, check_source, fuse_lora_folder, fuse_lora_weights, save_pipeline_with  # noqa: F401
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_pipeline, tiny_scheduler
 from rlfuse.trajectories import Conditioning
 
@@ -96,10 +96,7 @@ class StableDiffusion:
                 ) from None
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline)
-        for folder in lora_folders(lora_weights):
-            family.fuse_lora(Path(folder).expanduser())
-        return family
+        return fuse_lora_weights(cls(pipeline), lora_weights)
 
     # -- parts
 

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from rlfuse.dynamics.flow import FlowSampler
 from rlfuse.errors import UserError
 from rlfuse.families.common import (PromptCache, check_source, decode_shifted, export_transformer_lora,
-                                    fuse_lora_folder, load_pipeline, lora_folders, save_pipeline_with)
+                                    fuse_lora_folder, fuse_lora_weights, load_pipeline, save_pipeline_with)
 from rlfuse.families.tiny import TINY_VAE_BLOCKS, build_tiny_sd3
 from rlfuse.trajectories import Conditioning
 
@@ -77,10 +77,7 @@ class StableDiffusion3:
             without_t5 = {} if text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
             pipeline = load_pipeline(StableDiffusion3Pipeline, pretrained, revision, variant, **without_t5)
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline, max_sequence_length, prompt_cache)
-        for folder in lora_folders(lora_weights):
-            family.fuse_lora(Path(folder).expanduser())
-        return family
+        return fuse_lora_weights(cls(pipeline, max_sequence_length, prompt_cache), lora_weights)
 
     # -- parts
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from rlfuse.dynamics.ddim import DDIMSampler
-from rlfuse.families.common import PromptCache, check_source, load_pipeline, lora_folders
+from rlfuse.families.common import PromptCache, check_source, fuse_lora_weights, load_pipeline
 from rlfuse.families.sd import StableDiffusion, resolution_multiple
 from rlfuse.families.tiny import build_tiny_sdxl, tiny_sdxl_scheduler
 from rlfuse.trajectories import Conditioning
@@ -86,10 +86,7 @@ class StableDiffusionXL(StableDiffusion):
             pipeline = load_pipeline(StableDiffusionXLPipeline, pretrained, revision, variant)
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
-        family = cls(pipeline, resolution, prompt_cache)
-        for folder in lora_folders(lora_weights):
-            family.fuse_lora(Path(folder).expanduser())
-        return family
+        return fuse_lora_weights(cls(pipeline, resolution, prompt_cache), lora_weights)
 
     # -- parts
 
