@@ -23,7 +23,7 @@ def test_every_experiment_composes_and_builds_at_toy_scale(name):
         return
     overrides, rewards, settings = reproduce.toy_overrides(name)
     toy = reproduce.experiment_config(name, overrides)
-    assert toy.model.name in ("tiny", "toy", "tiny_sd3") and toy.hardware.name == "cpu"
+    assert toy.model.name in ("tiny", "toy", "toy_flow") and toy.hardware.name == "cpu"
     assert toy.hardware.mixed_precision == "no"  # the experiment's GPU settings stay behind
     assert toy.algorithm.name == cfg.algorithm.name
     check_complete(toy)  # nothing left for the user to give (prompt files, server addresses)
@@ -32,6 +32,24 @@ def test_every_experiment_composes_and_builds_at_toy_scale(name):
     assert callable(hydra.utils.instantiate(toy.reward.fn))
     for reward in rewards.split(","):
         assert callable(build_reward(reward, settings))
+
+
+def test_toy_settings_of_a_model_or_algorithm_replace_the_common_ones_once():
+    overrides, _, _ = reproduce.toy_overrides("d3po_sd15_aesthetic")
+    keys = [o.partition("=")[0] for o in overrides]
+    assert len(keys) == len(set(keys))  # each key set once
+    assert "sample.batches_per_epoch=2" in overrides  # D3PO's 8 pairs, not TOY_COMMON's 1 batch
+    toy = reproduce.experiment_config("d3po_sd15_aesthetic", overrides)
+    assert toy.sample.batches_per_epoch == 2 and toy.algorithm.min_step_std == 0.4
+    assert reproduce.last_wins(["a=1", "b=2", "a=3", "~c"]) == ["a=3", "b=2", "~c"]
+
+
+def test_flow_grpo_runs_on_the_shipped_flow_model_at_toy_scale_evaluated_at_its_sampling_steps():
+    overrides, rewards, settings = reproduce.toy_overrides("flowgrpo_sd35m_geneval")
+    toy = reproduce.experiment_config("flowgrpo_sd35m_geneval", overrides)
+    assert (toy.model.name, toy.reward.name, toy.prompts.name) == ("toy_flow", "jpeg", "shapes")
+    assert toy.eval.num_steps == toy.sample.num_steps == 10 and toy.sample.eta == 0.7  # Flow-GRPO's noise level
+    assert rewards.split(",")[0] == "jpeg" and "jpeg.fn.objective=compressibility" in settings
 
 
 # What each experiment asks of the user at paper scale (its ??? keys), and a value standing in for it.
@@ -184,8 +202,8 @@ def test_the_longest_experiments_start_first_and_the_report_keeps_the_given_orde
     monkeypatch.setattr(reproduce, "run_experiment", fake_run)
     names = ["ddpo_sd15_compressibility", "flowgrpo_sd35m_ocr", "ddpo_sd15_aesthetic", "ddpo_sd15_alignment"]
     text = reproduce.reproduce("toy", tmp_path, names, jobs=1).read_text()
-    # toy (3.6 min) before tiny (1.1) before tiny_sd3 (0.5); alignment is aesthetic's run, not started again
-    assert started == ["ddpo_sd15_aesthetic", "ddpo_sd15_compressibility", "flowgrpo_sd35m_ocr"]
+    # toy (3.6 min) before toy_flow (2.0) before tiny (1.1); alignment is aesthetic's run, not started again
+    assert started == ["ddpo_sd15_aesthetic", "flowgrpo_sd35m_ocr", "ddpo_sd15_compressibility"]
     rows = [line.split(" |")[0][2:] for line in text.splitlines() if line.startswith("| ddpo") or
             line.startswith("| flow")]
     assert rows == names
@@ -210,7 +228,8 @@ def test_two_short_toy_runs_at_a_time_render_the_report_with_scores_grids_and_cu
         assert f"| {reproduce.EXPERIMENTS[name][1]} |" in text  # the published column
         evaluation = tmp_path / "evaluations" / name
         numbers = json.loads((evaluation / "report.json").read_text())
-        assert set(numbers["scores"]) == {"jpeg", "alignment", "diversity"} and numbers["scores"]["jpeg"]["trained_on"]
+        others = {"alignment"} if name.startswith("ddpo") else {"shapes"}  # tiny's random images | toy_flow's shapes
+        assert set(numbers["scores"]) == {"jpeg", "diversity", *others} and numbers["scores"]["jpeg"]["trained_on"]
         assert numbers["drift"]["pixel_rms"] > 0  # one epoch of full fine-tuning moves the images
         for png in ("base_vs_finetuned.png", "reward.png"):
             assert (evaluation / png).stat().st_size > 0 and f"]({png})" in (evaluation / "REPORT.md").read_text()
