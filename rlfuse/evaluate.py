@@ -2,7 +2,7 @@
 
     python -m rlfuse.evaluate <run folder or checkpoint folder> [--rewards jpeg,alignment ...]
         [--set reward.fn.key=value ...] [--num-prompts 8] [--images-per-prompt 4] [--out <folder>]
-        [--human-pairs <folder>]
+        [--human-pairs <folder>] [--base-cache <folder>]
 
 Both models sample the same held-out prompts from the same noise (fixed seeds), so every difference
 in the images is the fine-tuning's. The report (<out>/REPORT.md, <out>/report.json) holds:
@@ -179,10 +179,65 @@ def write_human_pairs(out: Path, prompts: list[str], seeds: list[int], base_imag
     return record
 
 
+def base_key(run_cfg, prompts: list[str], seeds: list[int], sampler_args: tuple) -> str:
+    """What fixes the base model's evaluation images: its model settings (the pipeline, earlier LoRAs), the
+    prompts, seeds and sampler, the torch thread count (float sums round by it) and the versions of torch and
+    rlfuse. Two evaluations with the same key draw the same base images."""
+    import hashlib
+    from importlib import metadata
+
+    from omegaconf import OmegaConf
+
+    try:
+        version = metadata.version("rlfuse")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        version = ""
+    identity = {"model": OmegaConf.to_container(run_cfg.model, resolve=True), "prompts": prompts, "seeds": seeds,
+                "sampler": list(sampler_args), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "rlfuse": version}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_base(folder: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, latents) of an earlier evaluation's base model with this key, or None. An unreadable file
+    counts as absent (it is drawn again and replaced)."""
+    from safetensors.torch import load_file
+
+    path = folder / f"base_{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        return tensors["images"], tensors["latents"]
+    except Exception:  # noqa: BLE001 - a damaged cache entry is redrawn, never trusted
+        print(f"base cache {path}: unreadable, drawing the base images again", file=sys.stderr)
+        return None
+
+
+def write_base(folder: Path, key: str, images: torch.Tensor, latents: torch.Tensor) -> None:
+    """Store the base images and latents under key, whole or not at all (a temporary file renamed into place:
+    evaluations running side by side may write the same key)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".base_", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({"images": images.contiguous(), "latents": latents.contiguous()}, temporary)
+        os.replace(temporary, folder / f"base_{key}.safetensors")
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts: int, images_per_prompt: int,
-             out: Path | None, seed: int = 1234, human_pairs: Path | None = None) -> dict:
+             out: Path | None, seed: int = 1234, human_pairs: Path | None = None, base_cache: Path | None = None) -> dict:
     """Sample base and fine-tuned images at fixed seeds, score, compare; write the report (and, with
-    human_pairs, the dataset for people to judge). Returns its numbers."""
+    human_pairs, the dataset for people to judge). Returns its numbers. base_cache: a folder where the base
+    model's images are kept and reused by later evaluations that would draw the same ones (base_key)."""
     from omegaconf import OmegaConf
     from torchvision.utils import make_grid, save_image
 
@@ -209,7 +264,11 @@ def evaluate(target: Path, rewards: list[str], settings: list[str], num_prompts:
 
     args = (chosen("num_steps", s.num_steps), chosen("guidance_scale", s.guidance_scale), chosen("eta", s.eta),
             run_cfg.model.resolution, s.get("sde_type"))
-    base_images, base_latents = sample_images(base, prompts, seeds, *args)
+    key = base_key(run_cfg, prompts, seeds, args) if base_cache is not None else None
+    cached = read_base(base_cache, key) if key else None
+    base_images, base_latents = cached or sample_images(base, prompts, seeds, *args)
+    if key and cached is None:
+        write_base(base_cache, key, base_images, base_latents)
     tuned_images, tuned_latents = sample_images(tuned, prompts, seeds, *args)
 
     scores = {}
@@ -281,12 +340,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--human-pairs", type=Path, default=None, metavar="FOLDER",
                         help="also write base-vs-fine-tuned pairs for people to label (rlfuse.annotate --task pair; "
                              "then rlfuse.annotate winrate FOLDER)")
+    parser.add_argument("--base-cache", type=Path, default=None, metavar="FOLDER",
+                        help="keep the base model's images here and reuse them when another evaluation would draw "
+                             "the same ones (same model settings, prompts, seeds, sampler, threads, versions)")
     args = parser.parse_args(argv)
     try:
         if args.num_prompts < 1 or args.images_per_prompt < 1:
             raise UserError("--num-prompts and --images-per-prompt must be >= 1")
+        if args.base_cache is not None and args.base_cache.exists() and not args.base_cache.is_dir():
+            raise UserError(f"--base-cache {args.base_cache}: is a file; give a folder (it is made if missing)")
         report = evaluate(args.target, [r for r in args.rewards.split(",") if r], args.set, args.num_prompts,
-                          args.images_per_prompt, args.out, args.seed, args.human_pairs)
+                          args.images_per_prompt, args.out, args.seed, args.human_pairs, args.base_cache)
     except UserError as error:
         fail(str(error))
     out = args.out or Path(report["run"]) / "evaluation"

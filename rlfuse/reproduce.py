@@ -62,6 +62,9 @@ TOY_COMMON = [
 # standard errors of the paired difference. A subset misleads: on the first 32 shapes captions x 4 images
 # a DPOK run fell by 0.05 while the same weights rose by 0.04 on all 133 captions.
 EVAL_SIZE = ["--num-prompts", "133", "--images-per-prompt", "2"]
+# Experiments on one base model with the same evaluation draw the same base images: the first evaluation keeps
+# them here (rlfuse.evaluate --base-cache) and the others reuse them. Emptied at the start of every invocation.
+BASE_CACHE = "base_cache"
 TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # Models: JPEG compressibility needs no weights and runs on model=tiny (random, learns JPEG size in a minute);
 # incompressibility runs on model=toy: tiny's noise images already sit near the largest JPEG size a 32 px image
@@ -251,6 +254,7 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
         raise UserError(f"--jobs {jobs}: give 1 or more experiments to run at a time")
     gpus = check_paper_scale(names) if scale == "paper" else 0
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / BASE_CACHE, ignore_errors=True)  # base images of this invocation's code only
     start = time.perf_counter()
     # Experiments at a time share the CPU cores: each process gets its share of threads.
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -326,7 +330,8 @@ def run_experiment(plan: dict, out: Path, gpus: int, threads: int) -> dict:
                              f"run_root={run_root}", "hydra.run.dir=" + str(run_root / "run")],
                             out / f"{name}.train.log", env)
         eval_seconds = run([python, "-m", "rlfuse.evaluate", str(run_root / "run"), "--rewards", rewards,
-                            *(f"--set={s}" for s in settings), *EVAL_SIZE, "--out", str(evaluation)],
+                            *(f"--set={s}" for s in settings), *EVAL_SIZE, "--out", str(evaluation),
+                            "--base-cache", str(out / BASE_CACHE)],
                            out / f"{name}.evaluate.log", env)
     except UserError as error:
         row["status"] = f"failed: {str(error).replace('|', '/')}"

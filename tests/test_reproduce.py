@@ -223,6 +223,7 @@ def test_two_short_toy_runs_at_a_time_render_the_report_with_scores_grids_and_cu
     assert "| [flowgrpo_sd35m_ocr](evaluations/flowgrpo_sd35m_geneval/REPORT.md) (the run of " \
            "flowgrpo_sd35m_geneval) |" in text
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)   # two runs, not three
+    assert len(list((tmp_path / reproduce.BASE_CACHE).glob("base_*.safetensors"))) == 2  # each base model's images
     for name in names:
         assert f"| [{name}](evaluations/{name}/REPORT.md) |" in text
         assert f"| {reproduce.EXPERIMENTS[name][1]} |" in text  # the published column
