@@ -48,6 +48,7 @@ def test_flow_grpo_runs_on_the_shipped_flow_model_at_toy_scale_evaluated_at_its_
     overrides, rewards, settings = reproduce.toy_overrides("flowgrpo_sd35m_geneval")
     toy = reproduce.experiment_config("flowgrpo_sd35m_geneval", overrides)
     assert (toy.model.name, toy.reward.name, toy.prompts.name) == ("toy_flow", "jpeg", "shapes")
+    assert toy.model.finetune == "lora" and toy.algorithm.learning_rate == 3e-4  # Flow-GRPO's, not TOY_COMMON's full
     assert toy.eval.num_steps == toy.sample.num_steps == 10 and toy.sample.eta == 0.7  # Flow-GRPO's noise level
     assert rewards.split(",")[0] == "jpeg" and "jpeg.fn.objective=compressibility" in settings
 
