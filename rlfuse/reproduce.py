@@ -92,7 +92,7 @@ TOY_MODEL = {
 }
 # Learning settings measured to move these small models (docs/results.md; toy_flow with sample.eta=0.7 and
 # guidance 4.5, Flow-GRPO's, from the experiment files); the papers' (LoRA, clip 1e-4, lr 3e-4, Flow-GRPO's KL)
-# barely move them in a few epochs.
+# barely move them in a few epochs, except Flow-GRPO's LoRA and lr on toy_flow (with clip 0.2 and no KL).
 TOY_ALGORITHM = {
     ("ddpo", "tiny"): ["algorithm.learning_rate=1e-2", "algorithm.objective.clip_range=0.2", "algorithm.objective.adv_clip_max=2.0"],
     ("d3po", "tiny"): ["algorithm.learning_rate=3e-3"],  # 1e-2 at 8 samples per epoch: NaN gradients by epoch 4
