@@ -181,20 +181,26 @@ def write_human_pairs(out: Path, prompts: list[str], seeds: list[int], base_imag
 
 def base_key(run_cfg, prompts: list[str], seeds: list[int], sampler_args: tuple) -> str:
     """What fixes the base model's evaluation images: its model settings (the pipeline, earlier LoRAs), the
-    prompts, seeds and sampler, the torch thread count (float sums round by it) and the versions of torch and
-    rlfuse. Two evaluations with the same key draw the same base images."""
+    prompts, seeds and sampler, the torch thread count (float sums round by it), the versions of torch,
+    diffusers, transformers and peft, and rlfuse's own source (any edit to it gives a new key). Two evaluations
+    with the same key draw the same base images; a model folder's files edited in place are not seen."""
     import hashlib
     from importlib import metadata
 
     from omegaconf import OmegaConf
 
-    try:
-        version = metadata.version("rlfuse")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        version = ""
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = ""
+    source = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        source.update(path.read_bytes())
     identity = {"model": OmegaConf.to_container(run_cfg.model, resolve=True), "prompts": prompts, "seeds": seeds,
-                "sampler": list(sampler_args), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "rlfuse": version}
+                "sampler": list(sampler_args), "threads": torch.get_num_threads(), "versions": versions,
+                "rlfuse_source": source.hexdigest()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                              "then rlfuse.annotate winrate FOLDER)")
     parser.add_argument("--base-cache", type=Path, default=None, metavar="FOLDER",
                         help="keep the base model's images here and reuse them when another evaluation would draw "
-                             "the same ones (same model settings, prompts, seeds, sampler, threads, versions)")
+                             "the same ones (same model settings, prompts, seeds, sampler, threads, library versions, rlfuse source)")
     args = parser.parse_args(argv)
     try:
         if args.num_prompts < 1 or args.images_per_prompt < 1:

@@ -182,10 +182,15 @@ def foreign_keys(cfg, overrides: list[str]) -> list[str]:
 
 def last_wins(overrides: list[str]) -> list[str]:
     """The overrides with each key set once, to its last value, in the place of its first setting (TOY_MODEL and
-    TOY_ALGORITHM refine TOY_COMMON)."""
+    TOY_ALGORITHM refine TOY_COMMON). A key set again with another prefix (a=1 then ~a or +a=2) is a mistake in
+    the tables above: ValueError."""
     values: dict[str, str] = {}
     for override in overrides:
-        values[override.partition("=")[0]] = override
+        key = override.partition("=")[0]
+        bare = key.lstrip("~+")
+        if bare in values and (key != bare or values[bare].partition("=")[0] != bare):
+            raise ValueError(f"{override}: {bare} is set again with another form ({values[bare]}); set it one way")
+        values[bare] = override
     return list(values.values())
 
 

@@ -59,3 +59,22 @@ def test_a_file_given_as_the_cache_folder_is_one_line_and_exit_2(tmp_path, tiny_
     stderr = capsys.readouterr().err
     assert stop.value.code == 2 and "--base-cache" in stderr and "is a file" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_the_key_changes_with_what_changes_the_base_images_and_only_then(tiny_run, monkeypatch):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(tiny_run / "config.yaml")
+    prompts, seeds, sampler = ["a cat", "a dog"], [1, 2], (6, 5.0, 1.0, 32, None)
+    key = evaluation.base_key(cfg, prompts, seeds, sampler)
+    assert evaluation.base_key(OmegaConf.load(tiny_run / "config.yaml"), list(prompts), list(seeds), sampler) == key
+    other_model = OmegaConf.merge(cfg, {"model": {"tiny_seed": cfg.model.tiny_seed + 1}})
+    changed = [evaluation.base_key(other_model, prompts, seeds, sampler),
+               evaluation.base_key(cfg, ["a cat", "a fox"], seeds, sampler),
+               evaluation.base_key(cfg, prompts, [1, 3], sampler),
+               evaluation.base_key(cfg, prompts, seeds, (6, 5.0, 0.5, 32, None)),   # eta
+               evaluation.base_key(cfg, prompts, seeds, (10, 5.0, 1.0, 32, None)),  # steps
+               evaluation.base_key(cfg, prompts, seeds, (6, 7.5, 1.0, 32, None))]   # guidance
+    monkeypatch.setattr(evaluation.torch, "get_num_threads", lambda: 97)
+    changed.append(evaluation.base_key(cfg, prompts, seeds, sampler))                # another thread count
+    assert len({key, *changed}) == len(changed) + 1

@@ -41,7 +41,10 @@ def test_toy_settings_of_a_model_or_algorithm_replace_the_common_ones_once():
     assert "sample.batches_per_epoch=2" in overrides  # D3PO's 8 pairs, not TOY_COMMON's 1 batch
     toy = reproduce.experiment_config("d3po_sd15_aesthetic", overrides)
     assert toy.sample.batches_per_epoch == 2 and toy.algorithm.min_step_std == 0.4
-    assert reproduce.last_wins(["a=1", "b=2", "a=3", "~c"]) == ["a=3", "b=2", "~c"]
+    assert reproduce.last_wins(["a=1", "b=2", "a=3", "~c", "+d=1"]) == ["a=3", "b=2", "~c", "+d=1"]
+    for clash in (["a=1", "~a"], ["a=1", "+a=2"], ["+a=1", "++a=2"], ["~a", "~a"]):
+        with pytest.raises(ValueError, match="set it one way"):
+            reproduce.last_wins(clash)
 
 
 def test_flow_grpo_runs_on_the_shipped_flow_model_at_toy_scale_evaluated_at_its_sampling_steps():
