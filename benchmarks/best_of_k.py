@@ -56,7 +56,7 @@ def best_of(scores: np.ndarray, criteria: dict[str, np.ndarray], k: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--k", type=int, default=8, help="images per held-out caption (default 8)")
-    parser.add_argument("--model", default="toy", help="model config (default toy)")
+    parser.add_argument("--model", default="toy", help="model config to sample with (default toy; unused with --dataset)")
     parser.add_argument("--dataset", type=Path, default=None, help="a dataset rlfuse.sample wrote (default: write one)")
     parser.add_argument("--seed", type=int, default=0, help="rlfuse.sample's seed (default 0)")
     args = parser.parse_args()
@@ -69,14 +69,15 @@ def main() -> None:
                             "prompts=shapes", "split=eval", "num_prompts=133", f"seed={args.seed}",
                             f"sample.images_per_prompt={args.k}", "progress=false"], check=True, env=env)
         captions, scores, criteria = score_dataset(dataset)
-        sampler = json.loads((dataset / "manifest.json").read_text()).get("sampler")
+        manifest = json.loads((dataset / "manifest.json").read_text())
+        sampler, model = manifest.get("sampler"), manifest.get("model", {}).get("name", args.model)
     ks = [k for k in (1, 2, 4, 8, 16, 32) if k < scores.shape[1]] + [scores.shape[1]]
     rows = [best_of(scores, criteria, k) for k in ks]
     for row in rows:
         print(f"best of {row['k']}: {row['score']:.3f}  " + "  ".join(f"{n} {row[n]:.3f}" for n in CRITERIA))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"best_of_k_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "captions": len(captions), "images_per_caption": scores.shape[1],
+    out = RESULTS / f"best_of_k_{model}.json"  # named after the model that drew the dataset
+    out.write_text(json.dumps({"model": model, "captions": len(captions), "images_per_caption": scores.shape[1],
                                "sampler": sampler, "mean_of_all": float(scores.mean()), "best_of": rows,
                                "machine": platform.processor() or platform.machine()}, indent=2) + "\n")
     print(f"wrote {out}")
