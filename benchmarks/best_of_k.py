@@ -26,19 +26,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rlfuse.annotate.dataset import load_dataset
 from rlfuse.rewards.shapes import CRITERIA, ShapesReward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def score_dataset(root: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """Captions, scores (captions, K) and criteria {name: (captions, K), NaN where one does not apply}."""
-    manifest = json.loads((root / "manifest.json").read_text())
+    """Captions, scores (captions, K) and criteria {name: (captions, K), NaN where one does not apply} of a dataset
+    rlfuse.sample wrote (read and checked by the annotator's loader)."""
     reward, captions, scores, criteria = ShapesReward(), [], [], {name: [] for name in CRITERIA}
-    for group in manifest["groups"]:
-        pixels = np.stack([np.asarray(Image.open(root / image["file"]).convert("RGB")) for image in group["images"]])
-        out = reward(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, [group["prompt"]] * len(pixels))
-        captions.append(group["prompt"])
+    for group in load_dataset(root).groups:
+        pixels = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in group.files])
+        out = reward(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, [group.prompt] * len(pixels))
+        captions.append(group.prompt)
         scores.append(out.scores.numpy())
         for name in CRITERIA:
             criteria[name].append(out.details[name].numpy())
