@@ -63,7 +63,8 @@ TOY_COMMON = [
 # a DPOK run fell by 0.05 while the same weights rose by 0.04 on all 133 captions.
 EVAL_SIZE = ["--num-prompts", "133", "--images-per-prompt", "2"]
 # Experiments on one base model with the same evaluation draw the same base images: the first evaluation keeps
-# them here (rlfuse.evaluate --base-cache) and the others reuse them. Emptied at the start of every invocation.
+# them here (rlfuse.evaluate --base-cache) and the others reuse them. Emptied at the start of every invocation, so
+# that entries of earlier code or models do not pile up.
 BASE_CACHE = "base_cache"
 TINY_CLIP = ["fn.clip_model=rlfuse-tiny-clip", "fn.clip_pretrained=null"]
 # Models: JPEG compressibility needs no weights and runs on model=tiny (random, learns JPEG size in a minute);
@@ -261,7 +262,7 @@ def reproduce(scale: str, out: Path, only: list[str], jobs: int = 1) -> Path:
         raise UserError(f"--jobs {jobs}: give 1 or more experiments to run at a time")
     gpus = check_paper_scale(names) if scale == "paper" else 0
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / BASE_CACHE, ignore_errors=True)  # base images of this invocation's code only
+    shutil.rmtree(out / BASE_CACHE, ignore_errors=True)  # no entries of earlier invocations pile up
     start = time.perf_counter()
     # Experiments at a time share the CPU cores: each process gets its share of threads.
     threads = max(1, (os.cpu_count() or 1) // jobs)
